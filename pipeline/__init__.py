@@ -1,0 +1,1 @@
+"""Ray-distributed PyTorch training pipeline."""

@@ -1,0 +1,142 @@
+"""Where the per-worker loop meets its runner: rank, device, restore and report.
+
+The training loop in train.py talks to a `Session` only, so one loop serves two runners:
+- `RaySession`: inside a Ray Train worker; reports go through `ray.train.report` (a barrier on every
+  rank), checkpoints are persisted and pruned by Ray, and DDP wraps the model.
+- `LocalSession`: in this process, without Ray (`scaling.num_workers=0`, benchmarks); it keeps the
+  same checkpoint layout itself: `<storage_path>/<name>/checkpoint_epoch=NNNN/{state.pt,meta.json}`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["LocalSession", "RaySession", "Session", "checkpoint_dir_name", "load_state", "save_state"]
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    return f"checkpoint_epoch={epoch:04d}"
+
+
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    """Weights, optimizer, epoch, metrics and the configs that rebuild the model, plus a readable summary."""
+    torch.save(state, directory / STATE_FILE)
+    (directory / META_FILE).write_text(json.dumps({"epoch": state["epoch"], "metrics": state["metrics"]}))
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    # weights_only: a checkpoint holds tensors and plain containers, never code to run.
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def wrap(self, model: nn.Module) -> nn.Module: ...
+
+    def restore(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
+
+
+class RaySession:
+    """A Ray Train worker: every rank calls `report` once per epoch; rank 0 passes the checkpoint."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)  # DDP when world_size > 1
+
+    def restore(self) -> dict[str, Any] | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as directory:
+            return load_state(Path(directory))
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        import ray.train
+
+        if state is None:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(Path(tmp), state)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state["epoch"]))
+
+
+class LocalSession:
+    """One process, no Ray: checkpoints written atomically and pruned to the best `keep` plus the latest."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, run_dir: Path, *, keep: int, metric: str, mode: Literal["min", "max"], device: torch.device):
+        self.run_dir = run_dir
+        self.keep, self.metric, self.mode = keep, metric, mode
+        self.device = device
+        self.last_metrics: dict[str, Any] | None = None
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (a half-written one is still a dot-folder)."""
+        return sorted(p for p in self.run_dir.glob("checkpoint_epoch=*") if (p / META_FILE).is_file())
+
+    def best_checkpoint(self) -> Path | None:
+        ranked = sorted(self.checkpoints(), key=self._score, reverse=self.mode == "max")
+        return ranked[0] if ranked else None
+
+    def restore(self) -> dict[str, Any] | None:
+        found = self.checkpoints()
+        return load_state(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+        self.last_metrics = metrics
+        if state is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.run_dir, prefix=".tmp-"))
+        save_state(tmp, state)
+        final = self.run_dir / checkpoint_dir_name(state["epoch"])
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        self._prune()
+
+    def _score(self, checkpoint: Path) -> float:
+        metrics = json.loads((checkpoint / META_FILE).read_text())["metrics"]
+        return float(metrics.get(self.metric, float("nan")))
+
+    def _prune(self) -> None:
+        found = self.checkpoints()
+        latest = found[-1]
+        ranked = sorted(found, key=self._score, reverse=self.mode == "max")
+        for checkpoint in ranked[self.keep :]:
+            if checkpoint != latest:  # the latest always stays: it is where a resumed run starts
+                shutil.rmtree(checkpoint)

@@ -1,0 +1,250 @@
+"""The typed experiment config: one source of defaults, YAML deltas in conf/, dotted overrides.
+
+    cfg = load_config("conf/fashion_mnist_cnn.yaml", ["optim.lr=0.01", "train.epochs=3"])
+
+The defaults live here, in the dataclass-like pydantic models; a YAML file in conf/ holds only what
+its experiment changes. Every key is checked: an unknown key, a wrong type, an out-of-range value or
+an unknown dataset / model / optimizer / loss name raises ConfigError naming the key path and what is
+allowed. Nothing here imports torch or Ray, so a bad config fails in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "DATASET_NAMES",
+    "LOSS_NAMES",
+    "MODEL_NAMES",
+    "OPTIMIZER_NAMES",
+    "ConfigError",
+    "ExperimentConfig",
+    "config_hash",
+    "load_config",
+]
+
+# The catalogs' names. data.py and models.py map each name to a builder; tests/test_config.py checks
+# that both sides agree, so a name can be validated here without importing torch.
+DATASET_NAMES = ("linear", "circles", "mnist", "fashion_mnist", "cifar10", "tabular")
+MODEL_NAMES = (
+    "linear_regression",
+    "softmax_regression",
+    "mlp",
+    "lenet",
+    "cnn",
+    "resnet18",
+    "circle_classifier",
+)
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+LOSS_NAMES = ("mse", "l1", "huber", "cross_entropy", "bce_with_logits")
+CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
+
+# A user's own nn.Module: "package.module:ClassName".
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key path and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation, applied batched on the device (images only)."""
+
+    hflip: bool = False
+    rotation_degrees: float = Field(0.0, ge=0, le=180)
+    # Random resized crop: the crop covers this fraction of the image area at least (1.0 = off).
+    crop_min_scale: float = Field(1.0, gt=0, le=1)
+
+
+class DataConfig(_Section):
+    name: Literal[DATASET_NAMES] = "mnist"  # type: ignore[valid-type]
+    root: str = "data"
+    download: bool = True
+    batch_size: int = Field(64, ge=1, description="per worker; the global batch is this x workers")
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    normalize: bool = True
+    augment: AugmentConfig = AugmentConfig()
+    # Synthetic sets (linear, circles): how many samples to make.
+    num_samples: int = Field(1000, ge=2)
+    # Keep only the first N rows of each split: quick dry runs and tests.
+    limit: int | None = Field(None, ge=1)
+    # The user's own table (data.name=tabular): a CSV or Parquet file and its target column.
+    path: str | None = None
+    target: str | None = None
+
+    @model_validator(mode="after")
+    def _tabular_needs_path_and_target(self) -> DataConfig:
+        if self.name == "tabular" and (not self.path or not self.target):
+            raise ValueError("data.name=tabular needs data.path (a .csv or .parquet file) and data.target (a column)")
+        return self
+
+
+class ModelConfig(_Section):
+    name: str = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256, 128])
+    dropout: float = Field(0.0, ge=0, lt=1)
+    pretrained: bool = False
+    freeze_backbone: bool = False
+    # Keyword arguments for a user's own module (model.name=pkg.module:Class).
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_or_import_path(cls, name: str) -> str:
+        if name in MODEL_NAMES or _IMPORT_PATH.match(name):
+            return name
+        raise ValueError(f"unknown model {name!r}; use one of {', '.join(MODEL_NAMES)} or 'package.module:Class'")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive_widths(cls, hidden: list[int]) -> list[int]:
+        if any(width < 1 for width in hidden):
+            raise ValueError(f"every hidden width must be >= 1, got {hidden}")
+        return hidden
+
+
+class OptimConfig(_Section):
+    name: Literal[OPTIMIZER_NAMES] = "adam"  # type: ignore[valid-type]
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop only")
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1 = unlimited")
+    amp: bool = Field(False, description="bf16 autocast on CUDA; ignored on CPU")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    # The metric that ranks checkpoints (and, later, registered models); default by task.
+    metric: str | None = None
+    mode: Literal["min", "max"] | None = None
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(1, ge=0, description="0 trains in this process, without a worker group")
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
+
+
+class TrackingConfig(_Section):
+    experiment: str | None = None
+    register_as: str | None = None
+    uri: str | None = None
+
+
+class ExperimentConfig(_Section):
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    loss: Literal[LOSS_NAMES] = "cross_entropy"  # type: ignore[valid-type]
+    storage_path: str = "runs"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingSection = ScalingSection()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.loss in CLASSIFICATION_LOSSES
+
+    @property
+    def metric(self) -> str:
+        """The metric that ranks checkpoints: accuracy for classifiers, MSE for regression."""
+        return self.train.metric or ("val_accuracy" if self.is_classifier else "val_mse")
+
+    @property
+    def metric_mode(self) -> Literal["min", "max"]:
+        if self.train.mode:
+            return self.train.mode
+        return "max" if self.metric.endswith("accuracy") else "min"
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a YAML experiment, apply `key.path=value` overrides, and validate everything."""
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    source = str(path) if path is not None else "overrides"
+    for override in overrides:
+        _apply_override(raw, override)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """A short, stable hash of the resolved config: the same experiment gets the same hash."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; the experiments are in conf/*.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise ConfigError(f"{path}:{line} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {override!r}: write it as key.path=value, e.g. optim.lr=0.01")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text  # not YAML: keep the string and let validation judge it
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for problem in err.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        lines.append(f"  {key}: {_explain(problem)}")
+    return "\n".join(lines)
+
+
+def _explain(problem: dict[str, Any]) -> str:
+    kind = problem["type"]
+    if kind == "extra_forbidden":
+        return f"unknown key; the keys here are: {', '.join(_allowed_keys(problem['loc']))}"
+    message = problem["msg"].removeprefix("Value error, ")
+    if "input" not in problem or isinstance(problem["input"], dict):
+        return message
+    return f"{message} (got {problem['input']!r})"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return sorted(model.model_fields)

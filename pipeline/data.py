@@ -1,0 +1,451 @@
+"""The dataset catalog: sources -> Parquet once -> one contiguous tensor per worker -> batches by index.
+
+    spec = materialize(cfg.data, seed=cfg.seed)        # on the driver, before any worker starts
+    splits = load_splits(spec, cfg.data, seed=cfg.seed)  # in each worker: {"train": (x, y), "val": ...}
+
+Every dataset, synthetic or downloaded, is written once to Parquet under `<data.root>/parquet/<key>/`
+with a manifest (shape, classes, normalization stats, row counts, content hash); later runs and every
+worker read those files. Images stay uint8 until a batch is on the device, where it is normalized
+(and augmented) in one batched operation: no per-sample Python on the hot path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import AugmentConfig, DataConfig
+
+__all__ = [
+    "DataError",
+    "DatasetSpec",
+    "augment",
+    "batch_indices",
+    "load_splits",
+    "materialize",
+    "normalize",
+    "shard_indices",
+    "val_rows",
+]
+
+Split = tuple[np.ndarray, np.ndarray]  # (features or uint8 images, targets)
+
+# The tutorials' synthetic regression: y = Xw + b + noise.
+LINEAR_TRUE_W = (2.0, -3.4)
+LINEAR_TRUE_B = 4.2
+LINEAR_NOISE_STD = 0.01
+
+
+class DataError(ValueError):
+    """Data that cannot be read or made; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a model, a loss and a worker need to know about a materialized dataset."""
+
+    name: str
+    task: Literal["classification", "regression"]
+    input_shape: tuple[int, ...]  # one sample: (C, H, W) for images, (D,) for features
+    classes: tuple[str, ...]  # empty for regression
+    mean: tuple[float, ...]  # per channel (images, in [0, 1] units) or per feature
+    std: tuple[float, ...]
+    rows: dict[str, int]  # split -> rows in its Parquet file
+    data_hash: str  # content hash of the Parquet files: the lineage of a trained model
+    directory: str  # absolute path of the Parquet folder
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> DatasetSpec:
+        return cls(**{**data, "input_shape": tuple(data["input_shape"]), "classes": tuple(data["classes"]),
+                      "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Materialization (driver side)
+
+
+def materialize(cfg: DataConfig, seed: int) -> DatasetSpec:
+    """Return the dataset's Parquet spec, writing the files first if this is the first time."""
+    folder = Path(cfg.root).resolve() / "parquet" / _dataset_key(cfg, seed)
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        return DatasetSpec.from_json(json.loads(manifest.read_text()))
+    splits, classes = _read_source(cfg, seed)
+    return _write_parquet(cfg.name, folder, splits, classes)
+
+
+def _dataset_key(cfg: DataConfig, seed: int) -> str:
+    if cfg.name in ("linear", "circles"):
+        return f"{cfg.name}-n{cfg.num_samples}-seed{seed}"
+    if cfg.name == "tabular":
+        path = _existing(Path(cfg.path or ""), "data.path")
+        return f"tabular-{path.stem}-{cfg.target}-{_file_hash(path)[:12]}"
+    return cfg.name
+
+
+def _read_source(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], tuple[str, ...]]:
+    if cfg.name == "linear":
+        return {"train": _make_linear(cfg.num_samples, seed)}, ()
+    if cfg.name == "circles":
+        return {"train": _make_circles(cfg.num_samples, seed)}, ("outside", "inside")
+    if cfg.name == "tabular":
+        return _read_table(Path(cfg.path or ""), cfg.target or "")
+    if cfg.name == "cifar10":
+        return _read_cifar10(Path(cfg.root), cfg.download)
+    return _read_mnist_like(cfg.name, Path(cfg.root), cfg.download)
+
+
+def _write_parquet(name: str, folder: Path, splits: dict[str, Split], classes: tuple[str, ...]) -> DatasetSpec:
+    folder.mkdir(parents=True, exist_ok=True)
+    x_train = splits["train"][0]
+    mean, std = _feature_stats(x_train)
+    hashes = {}
+    for split, (x, y) in splits.items():
+        table = pa.table({"x": _fixed_size_list(x), "y": pa.array(y)})
+        hashes[split] = _atomic_write(folder / f"{split}.parquet", lambda path, t=table: pq.write_table(t, path))
+    spec = DatasetSpec(
+        name=name,
+        task="classification" if classes else "regression",
+        input_shape=tuple(int(d) for d in x_train.shape[1:]),
+        classes=classes,
+        mean=mean,
+        std=std,
+        rows={split: len(y) for split, (_, y) in splits.items()},
+        data_hash=hashlib.sha256("".join(hashes[s] for s in sorted(hashes)).encode()).hexdigest()[:16],
+        directory=str(folder),
+    )
+    # The manifest goes last: its presence means every Parquet file is complete.
+    _atomic_write(folder / "manifest.json", lambda path: Path(path).write_text(json.dumps(spec.to_json(), indent=2)))
+    return spec
+
+
+def _fixed_size_list(x: np.ndarray) -> pa.FixedSizeListArray:
+    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])
+
+
+def _feature_stats(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel stats for images (in [0, 1] units), per-feature stats for tables."""
+    if x.ndim == 4:  # (N, C, H, W) uint8
+        values = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1).astype(np.float64) / 255.0
+        mean, std = values.mean(axis=1), values.std(axis=1)
+    else:
+        mean, std = x.mean(axis=0, dtype=np.float64), x.std(axis=0, dtype=np.float64)
+    std = np.where(std > 0, std, 1.0)  # a constant column must not divide by zero
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _atomic_write(path: Path, write) -> str:
+    """Write through a temporary file and rename, so a reader never sees half a file; return its hash."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        digest = _file_hash(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _existing(path: Path, key: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{key}: file {path} does not exist")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sources
+
+
+def _make_linear(n: int, seed: int) -> Split:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, len(LINEAR_TRUE_W))).astype(np.float32)
+    y = x @ np.array(LINEAR_TRUE_W, dtype=np.float32) + LINEAR_TRUE_B
+    y += rng.normal(scale=LINEAR_NOISE_STD, size=n).astype(np.float32)
+    return x, y.astype(np.float32)
+
+
+def _make_circles(n: int, seed: int) -> Split:
+    """Points in a square around the unit circle; label 1 inside it, 0 outside."""
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1.5, 1.5, size=(n, 2)).astype(np.float32)
+    y = ((x**2).sum(axis=1) < 1.0).astype(np.int64)
+    return x, y
+
+
+def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, ...]]:
+    import pyarrow.csv as pcsv
+
+    path = _existing(path, "data.path")
+    try:
+        table = pcsv.read_csv(path) if path.suffix.lower() == ".csv" else pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"data.path: cannot read {path} as {'CSV' if path.suffix == '.csv' else 'Parquet'}: {err}") from None
+    if target not in table.column_names:
+        raise DataError(f"data.target: column {target!r} is not in {path}; its columns are {table.column_names}")
+    features = [c for c in table.column_names if c != target]
+    bad = [c for c in features if not pa.types.is_integer(table[c].type) and not pa.types.is_floating(table[c].type)]
+    if bad or not features:
+        raise DataError(f"{path}: feature columns must be numeric; not numeric: {bad or '(no feature columns)'}")
+    x = np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in features]).astype(np.float32)
+    if np.isnan(x).any():
+        raise DataError(f"{path}: feature columns contain NaN or empty values; clean or impute them first")
+    y_col = table[target]
+    if pa.types.is_floating(y_col.type):
+        return {"train": (x, y_col.to_numpy(zero_copy_only=False).astype(np.float32))}, ()
+    labels = np.array(y_col.to_pylist(), dtype=object).astype(str)
+    classes, y = np.unique(labels, return_inverse=True)
+    return {"train": (x, y.astype(np.int64))}, tuple(classes)
+
+
+_MNIST_LIKE = {
+    # dataset name -> (torchvision class, class names)
+    "mnist": ("MNIST", tuple(str(d) for d in range(10))),
+    "fashion_mnist": (
+        "FashionMNIST",
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    ),
+}
+_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_mnist_like(name: str, root: Path, download: bool) -> tuple[dict[str, Split], tuple[str, ...]]:
+    """Read torchvision's own layout: <root>/<MNIST|FashionMNIST>/raw/*-ubyte[.gz]."""
+    tv_name, classes = _MNIST_LIKE[name]
+    raw = root / tv_name / "raw"
+    wanted = [f for pair in _MNIST_FILES.values() for f in pair]
+    if any(_idx_path(raw, f) is None for f in wanted):
+        _download_or_explain(name, raw, wanted, download)
+    splits = {}
+    for split, (images, labels) in _MNIST_FILES.items():
+        x, y = _read_idx(_idx_path(raw, images)), _read_idx(_idx_path(raw, labels))
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{raw}: {images} holds {x.shape} but {labels} holds {y.shape}; they must pair up")
+        splits[split] = (x[:, None, :, :], y.astype(np.int64))
+    return splits, classes
+
+
+def _idx_path(raw: Path, stem: str) -> Path | None:
+    for candidate in (raw / stem, raw / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (the MNIST format): magic, big-endian dims, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read ({err}); delete it and download again") from None
+    if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes; delete it and download again")
+    ndim = data[3]
+    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    start, expected = 4 + 4 * ndim, int(np.prod(dims))
+    if len(data) - start != expected:
+        raise DataError(
+            f"{path}: truncated or corrupt: the header says {dims} ({expected} bytes), "
+            f"the file holds {len(data) - start}; delete it and download again"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=start).reshape(dims)
+
+
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+
+
+def _read_cifar10(root: Path, download: bool) -> tuple[dict[str, Split], tuple[str, ...]]:
+    """Read torchvision's own layout: <root>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}."""
+    folder = root / _CIFAR_FOLDER
+    wanted = [*_CIFAR_TRAIN, "test_batch", "batches.meta"]
+    if any(not (folder / f).is_file() for f in wanted):
+        _download_or_explain("cifar10", folder, wanted, download)
+    classes = tuple(_unpickle(folder / "batches.meta")["label_names"])
+    train = [_read_cifar_batch(folder / f) for f in _CIFAR_TRAIN]
+    splits = {
+        "train": (np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train])),
+        "test": _read_cifar_batch(folder / "test_batch"),
+    }
+    return splits, classes
+
+
+def _read_cifar_batch(path: Path) -> Split:
+    batch = _unpickle(path)
+    try:
+        x = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        y = np.asarray(batch["labels"], dtype=np.int64)
+    except (KeyError, ValueError) as err:
+        raise DataError(f"{path}: not a CIFAR-10 batch ({err}); delete it and download again") from None
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels; delete it and download again")
+    return x, y
+
+
+def _unpickle(path: Path) -> dict:
+    # CIFAR's batches are Python pickles; only read them from a data root you trust.
+    try:
+        with path.open("rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        raise DataError(f"{path}: truncated or corrupt ({err}); delete it and download again") from None
+
+
+def _download_or_explain(name: str, folder: Path, wanted: list[str], download: bool) -> None:
+    missing = ", ".join(f for f in wanted if not (folder / f).is_file() and not (folder / f"{f}.gz").is_file())
+    if not download:
+        raise DataError(
+            f"{name}: missing {missing} in {folder}; put torchvision's files there, "
+            f"or set data.download=true where the network allows"
+        )
+    try:
+        _torchvision_download(name, folder)
+    except (RuntimeError, OSError) as err:
+        raise DataError(
+            f"{name}: download failed ({str(err).strip().splitlines()[-1]}); without network, put torchvision's "
+            f"files ({missing}) in {folder} and set data.download=false"
+        ) from None
+
+
+def _torchvision_download(name: str, folder: Path) -> None:
+    """Fetch the archives from torchvision's mirrors, checksums verified."""
+    from torchvision import datasets
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    if name == "cifar10":
+        cifar = datasets.CIFAR10
+        download_and_extract_archive(cifar.url, str(folder.parent), filename=cifar.filename, md5=cifar.tgz_md5)
+        return
+    source = getattr(datasets, _MNIST_LIKE[name][0])
+    for filename, md5 in source.resources:
+        errors = []
+        for mirror in source.mirrors:
+            try:
+                download_and_extract_archive(f"{mirror}{filename}", str(folder), filename=filename, md5=md5)
+                break
+            except (RuntimeError, OSError) as err:
+                errors.append(f"{mirror}: {err}")
+        else:
+            raise RuntimeError(f"could not fetch {filename}: " + "; ".join(errors))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading and batching (worker side)
+
+
+def load_splits(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, Split]:
+    """Read the Parquet files into arrays: train and val (carved from train by `val_fraction`), and test."""
+    x, y = _read_parquet_split(spec, "train")
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_val = val_rows(len(y), cfg.val_fraction)
+    splits = {"train": (x[order[n_val:]], y[order[n_val:]])}
+    if n_val:
+        splits["val"] = (x[order[:n_val]], y[order[:n_val]])
+    if "test" in spec.rows:
+        splits["test"] = _read_parquet_split(spec, "test")
+    if cfg.limit:
+        splits = {name: (sx[: cfg.limit], sy[: cfg.limit]) for name, (sx, sy) in splits.items()}
+    return splits
+
+
+def val_rows(train_rows: int, val_fraction: float) -> int:
+    """How many of the materialized training rows are held out for validation."""
+    return int(round(train_rows * val_fraction))
+
+
+def _read_parquet_split(spec: DatasetSpec, split: str) -> Split:
+    table = pq.read_table(Path(spec.directory) / f"{split}.parquet")
+    flat = table.column("x").combine_chunks().flatten().to_numpy()
+    return flat.reshape(len(table), *spec.input_shape), table.column("y").to_numpy()
+
+
+def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
+    """The evaluation shard of one rank: every world_size-th sample, so shards differ by at most one."""
+    return np.arange(rank, n, world_size)
+
+
+def batch_indices(
+    n: int, batch_size_per_worker: int, rank: int, world_size: int, *, epoch: int, seed: int
+) -> Iterator[np.ndarray]:
+    """This rank's part of each global batch of one epoch.
+
+    Every rank draws the same permutation (seed + epoch), cuts it into global batches of
+    batch_size_per_worker x world_size samples and takes its own slice. So N workers see exactly the
+    batches that one worker with an N times larger batch would, and DDP's averaged gradients match.
+    An incomplete last global batch is dropped so that every rank runs the same number of steps.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    global_batch = batch_size_per_worker * world_size
+    for start in range(0, n - global_batch + 1, global_batch):
+        first = start + rank * batch_size_per_worker
+        yield order[first : first + batch_size_per_worker]
+
+
+def normalize(x: torch.Tensor, spec: DatasetSpec, enabled: bool = True) -> torch.Tensor:
+    """uint8 images -> float in [0, 1] -> standardized per channel; features standardized per column."""
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    if not enabled:
+        return x
+    shape = (1, -1, 1, 1) if spec.is_image else (1, -1)
+    mean = torch.tensor(spec.mean, device=x.device).view(shape)
+    std = torch.tensor(spec.std, device=x.device).view(shape)
+    return (x - mean) / std
+
+
+def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random flip, rotation and resized crop for a whole batch at once, as one affine warp per sample."""
+    if x.dim() != 4 or (not cfg.hflip and cfg.rotation_degrees == 0 and cfg.crop_min_scale == 1.0):
+        return x
+    n = x.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return torch.rand(n, generator=generator, device=x.device) * (high - low) + low
+
+    angle = torch.deg2rad(uniform(-cfg.rotation_degrees, cfg.rotation_degrees))
+    scale = uniform(cfg.crop_min_scale, 1.0).sqrt()  # side of a crop covering that fraction of the area
+    shift_x, shift_y = (uniform(-1, 1) * (1 - scale) for _ in range(2))
+    flip = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if cfg.hflip else torch.ones(n, device=x.device)
+    cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift_x], 1), torch.stack([sin * flip, cos, shift_y], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")

@@ -1,0 +1,427 @@
+"""Training: a plain PyTorch loop per worker, and the driver that runs it under Ray Train (DDP).
+
+    pipeline train conf/fashion_mnist_cnn.yaml train.epochs=3 scaling.num_workers=2
+
+`train_fn_per_worker(config)` is what every Ray Train worker runs; `run_worker` is the loop itself and
+takes a `Session` (checkpoints.py), so the same loop runs in this process with `scaling.num_workers=0`
+and in benchmarks without Ray. `build_trainer(cfg, ...)` is the one place that builds a TorchTrainer;
+tuning reuses it. `run_training(cfg)` is the whole run: data, checks, trainer, result.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.checkpoints import LocalSession, RaySession, Session, load_state
+from pipeline.config import ConfigError, ExperimentConfig, OptimConfig
+from pipeline.data import DatasetSpec, augment, batch_indices, load_splits, materialize, normalize, shard_indices, val_rows
+from pipeline.models import build_model
+
+__all__ = [
+    "TrainingResult",
+    "build_trainer",
+    "load_checkpoint",
+    "prepare",
+    "run_training",
+    "run_worker",
+    "train_fn_per_worker",
+]
+
+Event = dict[str, Any]
+EmitFn = Callable[[Event], None]
+
+LOSSES: dict[str, Callable[[], nn.Module]] = {
+    "mse": nn.MSELoss,
+    "l1": nn.L1Loss,
+    "huber": nn.HuberLoss,
+    "cross_entropy": nn.CrossEntropyLoss,
+    "bce_with_logits": nn.BCEWithLogitsLoss,
+}
+
+BATCH_EVENT_INTERVAL_S = 0.5  # how often rank 0 sends a progress tick; each costs a device sync
+
+
+def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+    trainable = [p for p in params if p.requires_grad]  # a frozen backbone is not optimized
+    common = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
+    if cfg.name == "sgd":
+        return torch.optim.SGD(trainable, momentum=cfg.momentum, **common)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(trainable, momentum=cfg.momentum, **common)
+    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
+    return optimizers[cfg.name](trainable, **common)
+
+
+def num_outputs(cfg: ExperimentConfig, spec: DatasetSpec) -> int:
+    return spec.num_classes if cfg.loss == "cross_entropy" else 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The per-worker loop: plain PyTorch
+
+
+@dataclass
+class Batches:
+    """One split on the device: inputs as stored (uint8 images stay uint8) and targets shaped for the loss."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def train_fn_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's entry point on every worker."""
+    # A user's model module (model.name=pkg.mod:Class) resolves as it does where `pipeline` was started.
+    if config["driver_cwd"] not in sys.path:
+        sys.path.insert(0, config["driver_cwd"])
+    session = RaySession()
+    queue = config.get("progress_queue")
+    emit = queue.put_nowait if queue is not None and session.rank == 0 else None
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit)
+
+
+def run_worker(cfg: ExperimentConfig, spec: DatasetSpec, session: Session, emit: EmitFn | None = None) -> None:
+    """Train from the latest checkpoint (if any) to `train.epochs`, reporting every epoch on every rank."""
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    device = session.device
+    splits = {name: _to_device(x, y, cfg.loss, device) for name, (x, y) in load_splits(spec, cfg.data, cfg.seed).items()}
+    model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec)).to(device)
+    optimizer = make_optimizer(cfg.optim, model.parameters())
+    start_epoch = 1
+    if (state := session.restore()) is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch = state["epoch"] + 1
+        if start_epoch > cfg.train.epochs:  # already finished: report the final metrics once more
+            session.report(state["metrics"], None)
+            return
+    model = session.wrap(model)
+    loss_fn = LOSSES[cfg.loss]()
+    prep = _preprocessor(cfg, spec)
+    for epoch in range(start_epoch, cfg.train.epochs + 1):
+        metrics = {"epoch": epoch, **train_epoch(model, splits["train"], loss_fn, optimizer, prep, cfg, session, epoch, emit)}
+        evaluation = "val" if "val" in splits else "test"
+        metrics.update(evaluate(model, splits[evaluation], loss_fn, prep.eval, cfg, session, prefix="val"))
+        if epoch == cfg.train.epochs and "test" in splits:
+            metrics.update(evaluate(model, splits["test"], loss_fn, prep.eval, cfg, session, prefix="test"))
+        state = _checkpoint_state(model, optimizer, epoch, metrics, cfg, spec) if session.rank == 0 else None
+        session.report(metrics, state)
+        if emit:
+            emit({"event": "epoch", "metrics": metrics})
+
+
+@dataclass
+class _Preprocess:
+    train: Callable[[torch.Tensor], torch.Tensor]
+    eval: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec) -> _Preprocess:
+    """Normalize on the device; augment training batches only."""
+    def eval_fn(x: torch.Tensor) -> torch.Tensor:
+        return normalize(x, spec, cfg.data.normalize)
+
+    def train_fn(x: torch.Tensor) -> torch.Tensor:
+        return augment(eval_fn(x), cfg.data.augment)
+
+    return _Preprocess(train=train_fn, eval=eval_fn)
+
+
+def _to_device(x: np.ndarray, y: np.ndarray, loss: str, device: torch.device) -> Batches:
+    target = torch.from_numpy(y)
+    target = target.long() if loss == "cross_entropy" else target.float().view(-1, 1)
+    return Batches(torch.from_numpy(np.ascontiguousarray(x)).to(device), target.to(device))
+
+
+def train_epoch(
+    model: nn.Module,
+    data: Batches,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    prep: _Preprocess,
+    cfg: ExperimentConfig,
+    session: Session,
+    epoch: int,
+    emit: EmitFn | None,
+) -> dict[str, float]:
+    """One pass over this rank's part of every global batch; returns the global mean loss and samples/s."""
+    model.train()
+    use_amp = cfg.train.amp and session.device.type == "cuda"
+    indices = list(batch_indices(len(data.y), cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=cfg.seed))
+    loss_sum = torch.zeros((), device=session.device)
+    started = last_tick = time.perf_counter()
+    for step, idx in enumerate(indices, 1):
+        idx_t = torch.from_numpy(idx).to(session.device)
+        with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(model(prep.train(data.x[idx_t])), data.y[idx_t])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        if emit and time.perf_counter() - last_tick > BATCH_EVENT_INTERVAL_S:
+            last_tick = time.perf_counter()
+            emit({"event": "batch", "epoch": epoch, "step": step, "steps": len(indices), "loss": loss.item()})
+    mean_loss = _all_reduce(loss_sum / len(indices), session) / session.world_size
+    elapsed = time.perf_counter() - started  # the all-reduce above waited for the device to finish
+    samples = len(indices) * cfg.data.batch_size * session.world_size
+    return {"train_loss": mean_loss.item(), "samples_per_sec": samples / elapsed}
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Batches,
+    loss_fn: nn.Module,
+    prep: Callable[[torch.Tensor], torch.Tensor],
+    cfg: ExperimentConfig,
+    session: Session,
+    prefix: str,
+) -> dict[str, float]:
+    """Loss and accuracy (or MSE) over the whole split: each rank its shard, then summed across ranks."""
+    # The plain module, not the DDP wrapper: ranks run different numbers of eval batches, and DDP's
+    # forward could otherwise wait on a buffer broadcast that the other ranks never join.
+    net = getattr(model, "module", model)
+    net.eval()
+    mine = torch.from_numpy(shard_indices(len(data.y), session.rank, session.world_size)).to(session.device)
+    sums = torch.zeros(3, device=session.device)  # loss x n, correct (or squared error), n
+    for idx in mine.split(max(cfg.data.batch_size, 1024)):
+        out, target = net(prep(data.x[idx])).float(), data.y[idx]
+        sums[0] += loss_fn(out, target) * len(idx)
+        sums[1] += _correct(out, target, cfg.loss) if cfg.is_classifier else ((out - target) ** 2).sum()
+        sums[2] += len(idx)
+    loss_total, score_total, count = _all_reduce(sums, session).tolist()
+    score_name = "accuracy" if cfg.is_classifier else "mse"
+    return {f"{prefix}_loss": loss_total / count, f"{prefix}_{score_name}": score_total / count}
+
+
+def _correct(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "bce_with_logits":
+        return ((logits > 0).float() == target).sum()
+    return (logits.argmax(dim=1) == target).sum()
+
+
+def _all_reduce(value: torch.Tensor, session: Session) -> torch.Tensor:
+    if session.world_size > 1:
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def _checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, metrics: dict, cfg: ExperimentConfig, spec: DatasetSpec
+) -> dict[str, Any]:
+    net = getattr(model, "module", model)  # never the DDP wrapper
+    return {
+        "epoch": epoch,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "metrics": metrics,
+        "experiment": cfg.model_dump(mode="json"),  # with the dataset spec: enough to rebuild the model
+        "dataset": spec.to_json(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver
+
+
+@dataclass
+class TrainingResult:
+    run_name: str
+    run_dir: str
+    metrics: dict[str, Any]
+    checkpoint: str | None  # the best checkpoint by the configured metric
+    history: list[dict[str, Any]] = field(default_factory=list)  # this invocation's epochs, in order
+
+    def summary(self) -> dict[str, Any]:
+        return {"run_name": self.run_name, "checkpoint": self.checkpoint, "metrics": self.metrics}
+
+
+def prepare(cfg: ExperimentConfig) -> DatasetSpec:
+    """Everything that can fail on bad input, done before Ray starts: data, task, model, shapes."""
+    spec = materialize(cfg.data, cfg.seed)
+    if cfg.is_classifier != (spec.task == "classification"):
+        raise ConfigError(f"loss: {cfg.loss} does not fit {cfg.data.name}, a {spec.task} dataset")
+    if cfg.loss == "bce_with_logits" and spec.num_classes != 2:
+        raise ConfigError(f"loss: bce_with_logits needs 2 classes; {cfg.data.name} has {spec.num_classes}")
+    if cfg.data.val_fraction == 0 and "test" not in spec.rows:
+        raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must be > 0")
+    _check_batch_fits(cfg, spec)
+    _check_model_accepts(cfg, spec)
+    return spec
+
+
+def _check_batch_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
+    train_rows = spec.rows["train"] - val_rows(spec.rows["train"], cfg.data.val_fraction)
+    train_rows = min(train_rows, cfg.data.limit or train_rows)
+    global_batch = cfg.data.batch_size * max(cfg.scaling.num_workers, 1)
+    if global_batch > train_rows:
+        raise ConfigError(
+            f"data.batch_size: {cfg.data.batch_size} per worker x {max(cfg.scaling.num_workers, 1)} workers is more "
+            f"than the {train_rows} training samples; lower data.batch_size or scaling.num_workers"
+        )
+
+
+def _check_model_accepts(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
+    try:
+        model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec)).eval()
+        with torch.no_grad():
+            out = model(torch.zeros(2, *spec.input_shape))
+    except (ValueError, RuntimeError, TypeError) as err:
+        raise ConfigError(f"model.name: {cfg.model.name} cannot take {cfg.data.name} samples of shape {spec.input_shape}: {err}") from None
+    expected = (2, num_outputs(cfg, spec))
+    if tuple(out.shape) != expected:
+        raise ConfigError(f"model.name: {cfg.model.name} returns shape {tuple(out.shape)}; {cfg.loss} on {cfg.data.name} needs {expected}")
+
+
+def storage_uri(cfg: ExperimentConfig) -> str:
+    """An absolute path (Ray workers run elsewhere) or an object-store / shared URI as given."""
+    return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+
+
+def run_training(cfg: ExperimentConfig, *, fresh: bool = False, on_event: EmitFn | None = None) -> TrainingResult:
+    """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`."""
+    spec = prepare(cfg)
+    run_dir = Path(storage_uri(cfg)) / cfg.name
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    history: list[dict[str, Any]] = []
+
+    def collect(event: Event) -> None:
+        if event["event"] == "epoch":
+            history.append(event["metrics"])
+        if on_event:
+            on_event(event)
+
+    if cfg.scaling.num_workers == 0:
+        return _run_in_process(cfg, spec, run_dir, collect, history)
+    return _run_on_ray(cfg, spec, collect, history)
+
+
+def _run_in_process(cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list) -> TrainingResult:
+    use_gpu = cfg.scaling.use_gpu is not False and torch.cuda.is_available()
+    device = torch.device("cuda" if use_gpu else "cpu")
+    session = LocalSession(run_dir, keep=cfg.train.checkpoints_to_keep, metric=cfg.metric, mode=cfg.metric_mode, device=device)
+    run_worker(cfg, spec, session, emit)
+    best = session.best_checkpoint()
+    return TrainingResult(cfg.name, str(run_dir), session.last_metrics or {}, str(best) if best else None, history)
+
+
+def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, emit: EmitFn, history: list) -> TrainingResult:
+    ensure_ray()
+    with _event_pump(emit) as queue:
+        result = build_trainer(cfg, spec, progress_queue=queue).fit()
+    best = result.get_best_checkpoint(metric=cfg.metric, mode=cfg.metric_mode) if result.best_checkpoints else None
+    metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    return TrainingResult(cfg.name, result.path, metrics, best.path if best else None, history)
+
+
+def build_trainer(cfg: ExperimentConfig, spec: DatasetSpec, *, progress_queue: Any = None, callbacks: list | None = None):
+    """The one TorchTrainer of the project: training and every Tune trial are built here."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.scaling.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={
+            "experiment": cfg.model_dump(mode="json"),
+            "dataset": spec.to_json(),
+            "progress_queue": progress_queue,
+            "driver_cwd": os.getcwd(),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=cfg.name,  # no timestamp: the same name is how a re-run resumes
+            storage_path=storage_uri(cfg),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.checkpoints_to_keep,
+                checkpoint_score_attribute=cfg.metric,
+                checkpoint_score_order=cfg.metric_mode,
+            ),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def ensure_ray(verbose: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray, unless this process is already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS"),
+        include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
+        log_to_driver=verbose,
+        configure_logging=verbose,
+    )
+
+
+@contextmanager
+def _event_pump(emit: EmitFn) -> Iterator[Any]:
+    """A Ray queue that rank 0 writes progress to, drained by a driver thread while fit() blocks."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue()
+    stop = threading.Event()
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                emit(queue.get(block=block, timeout=0.2))
+            except Empty:
+                return
+
+    def pump() -> None:
+        while not stop.is_set():
+            drain(block=True)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield queue
+    finally:
+        stop.set()
+        thread.join()
+        drain(block=False)  # whatever arrived after the thread's last look
+        queue.shutdown()
+
+
+def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the trained model from a checkpoint folder alone: no training code or config file needed."""
+    state = load_state(Path(path))
+    cfg = ExperimentConfig.model_validate(state["experiment"])
+    spec = DatasetSpec.from_json(state["dataset"])
+    model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec))
+    model.load_state_dict(state["model"])
+    return model.eval(), state
+
+
+def training_failure(err: BaseException) -> str | None:
+    """A one-line account of a failed Ray Train run (the worker's own error), or None if it is not one."""
+    from ray.train import TrainingFailedError
+
+    if not isinstance(err, TrainingFailedError):
+        return None
+    causes = getattr(err, "worker_failures", None) or {}
+    if causes:
+        rank, cause = sorted(causes.items())[0]
+        return f"worker {rank}: {type(cause).__name__}: {cause}"
+    return str(err).strip().splitlines()[0]
