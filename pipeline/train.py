@@ -51,7 +51,8 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
     "bce_with_logits": nn.BCEWithLogitsLoss,
 }
 
-BATCH_EVENT_INTERVAL_S = 0.5  # how often rank 0 sends a progress tick; each costs a device sync
+BATCH_EVENT_INTERVAL_S = 0.5
+CONTROLLER_POLL_INTERVAL_S = 0.2  # how often rank 0 sends a progress tick; each costs a device sync
 
 
 def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
@@ -141,9 +142,10 @@ def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec) -> _Preprocess:
 
 
 def _to_device(x: np.ndarray, y: np.ndarray, loss: str, device: torch.device) -> Batches:
-    target = torch.from_numpy(y)
+    # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
+    target = torch.from_numpy(np.require(y, requirements="CW"))
     target = target.long() if loss == "cross_entropy" else target.float().view(-1, 1)
-    return Batches(torch.from_numpy(np.ascontiguousarray(x)).to(device), target.to(device))
+    return Batches(torch.from_numpy(np.require(x, requirements="CW")).to(device), target.to(device))
 
 
 def train_epoch(
@@ -246,7 +248,7 @@ class TrainingResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # this invocation's epochs, in order
 
     def summary(self) -> dict[str, Any]:
-        return {"run_name": self.run_name, "checkpoint": self.checkpoint, "metrics": self.metrics}
+        return {"run_name": self.run_name, "checkpoint": self.checkpoint, "metrics": self.metrics, "history": self.history}
 
 
 def prepare(cfg: ExperimentConfig) -> DatasetSpec:
@@ -334,6 +336,9 @@ def build_trainer(cfg: ExperimentConfig, spec: DatasetSpec, *, progress_queue: A
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's controller collects each report when it polls the workers, every 2 s by default, and a
+    # worker's next report waits for that: epochs shorter than the interval would each last 2 s.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
     use_gpu = cfg.scaling.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0

@@ -1,0 +1,77 @@
+"""The command line as a user meets it: exit codes, one-line errors naming the key, JSON output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny
+
+
+def pipeline(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["optim.lr=0"], "optim.lr: Input should be greater than 0"),
+        (["train.epochs=0"], "train.epochs: Input should be greater than or equal to 1"),
+        (["scaling.num_workers=-2"], "scaling.num_workers: Input should be greater than or equal to 0"),
+        (["model.name=gpt"], "model.name: unknown model 'gpt'; use one of linear_regression"),
+        (["data.name=imagenet"], "data.name: Input should be 'linear', 'circles'"),
+        (["optim.name=lion"], "optim.name: Input should be 'sgd', 'adam', 'adamw', 'rmsprop' or 'adagrad'"),
+        (["loss=hinge"], "loss: Input should be 'mse', 'l1', 'huber', 'cross_entropy' or 'bce_with_logits'"),
+        (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; the keys here are: lr, momentum"),
+        (["train.epochs=ten"], "train.epochs: Input should be a valid integer"),
+        (["optim.lr"], "override 'optim.lr': write it as key.path=value"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_key_without_a_traceback(overrides: list[str], expected: str, tmp_path: Path) -> None:
+    result = pipeline("train", "conf/mnist_mlp.yaml", *overrides, f"storage_path={tmp_path}")
+    assert result.returncode == 2, result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir()), "nothing was written: the error came before any work"
+
+
+def test_malformed_yaml_and_a_missing_conf_exit_2(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ndata: {name: mnist\n")
+    result = pipeline("train", str(broken))
+    assert result.returncode == 2 and "is not valid YAML" in result.stderr and str(broken) in result.stderr
+    result = pipeline("train", "conf/no_such_experiment.yaml")
+    assert result.returncode == 2 and "no such config file" in result.stderr
+
+
+def test_missing_data_offline_names_the_file_and_where_it_goes(tmp_path: Path) -> None:
+    result = pipeline("train", "conf/mnist_mlp.yaml", f"data.root={tmp_path}", "data.download=false", f"storage_path={tmp_path}")
+    assert result.returncode == 2
+    assert "train-images-idx3-ubyte" in result.stderr and str(tmp_path / "MNIST" / "raw") in result.stderr
+    assert "data.download" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path: Path) -> None:
+    result = pipeline("train", "conf/linear_regression.yaml", "loss=cross_entropy", f"data.root={tmp_path}",
+                      f"storage_path={tmp_path}")
+    assert result.returncode == 2 and "loss: cross_entropy does not fit linear, a regression dataset" in result.stderr
+
+
+def test_json_output_is_the_last_line_of_stdout(data_root: Path, tmp_path: Path) -> None:
+    result = pipeline("train", "conf/circles_classifier.yaml", *tiny(data_root, tmp_path, "scaling.num_workers=0"),
+                      "--output", "json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["run_name"] == "circles_classifier"
+    assert set(summary["metrics"]) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec"}
+    assert Path(summary["checkpoint"], "state.pt").is_file()
+    assert "epoch 1/1" in result.stderr, "progress goes to stderr, results to stdout"
+
+
+def test_the_console_script_is_installed() -> None:
+    result = subprocess.run([str(Path(sys.executable).parent / "pipeline"), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout

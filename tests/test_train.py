@@ -1,0 +1,122 @@
+"""Training end to end: every conf trains, DDP matches one worker, runs resume, the tutorial result holds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import LINEAR_TRUE_B, LINEAR_TRUE_W
+from pipeline.train import load_checkpoint, run_training
+from tests.conftest import CONF_DIR, REPO, tiny
+
+CONFS = sorted(CONF_DIR.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("conf", CONFS, ids=lambda p: p.stem)
+def test_every_conf_trains_one_epoch_on_tiny_data(conf: Path, data_root: Path, tmp_path: Path) -> None:
+    # In this process (num_workers=0): the same loop the Ray workers run, without a worker group.
+    # model.pretrained=false: no network here for ImageNet weights.
+    overrides = tiny(data_root, tmp_path, "scaling.num_workers=0", "model.pretrained=false", "data.num_samples=200")
+    result = run_training(load_config(conf, overrides))
+    assert [m["epoch"] for m in result.history] == [1]
+    metrics = result.metrics
+    assert metrics["train_loss"] > 0 and metrics["samples_per_sec"] > 0
+    assert "val_accuracy" in metrics or "val_mse" in metrics
+    assert Path(result.checkpoint, "state.pt").is_file()
+
+
+@pytest.mark.slow
+def test_linear_regression_recovers_w_and_b(ray_local, tmp_path: Path) -> None:
+    cfg = load_config(CONF_DIR / "linear_regression.yaml", [f"storage_path={tmp_path}", f"data.root={tmp_path}"])
+    result = run_training(cfg)  # as the conf says: one Ray Train worker
+    model, _ = load_checkpoint(result.checkpoint)
+    assert torch.allclose(model.weight.detach()[0], torch.tensor(LINEAR_TRUE_W), atol=0.1)
+    assert abs(model.bias.item() - LINEAR_TRUE_B) < 0.1
+
+
+@pytest.mark.slow
+def test_two_ddp_workers_follow_one_worker_on_the_same_global_batch(ray_local, data_root: Path, tmp_path: Path) -> None:
+    # No dropout or batch norm: with the same global batches, DDP's averaged gradient is the 1-worker gradient.
+    common = tiny(data_root, tmp_path, "train.epochs=3", "optim.name=sgd", "optim.lr=0.05", "model.dropout=0")
+    one = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*common, "name=one", "scaling.num_workers=1", "data.batch_size=32"]))
+    two = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*common, "name=two", "scaling.num_workers=2", "data.batch_size=16"]))
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert [m[key] for m in two.history] == pytest.approx([m[key] for m in one.history], rel=1e-4, abs=1e-6), key
+    assert one.history[0]["train_loss"] > one.history[-1]["train_loss"]
+
+
+def test_a_rerun_with_more_epochs_continues_from_the_checkpoint(data_root: Path, tmp_path: Path) -> None:
+    overrides = tiny(data_root, tmp_path, "scaling.num_workers=0", "model.dropout=0")
+    first = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=2"]))
+    second = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=4"]))
+    assert [m["epoch"] for m in first.history] == [1, 2]
+    assert [m["epoch"] for m in second.history] == [3, 4]
+    assert second.history[0]["train_loss"] < first.history[0]["train_loss"], "it went on from trained weights"
+    fresh = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=1"]), fresh=True)
+    assert [m["epoch"] for m in fresh.history] == [1]
+
+
+def _train_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *args, "--output", "json"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _latest_checkpoint_epoch(run_dir: Path, workers: int) -> int:
+    if workers == 0:  # in-process: complete checkpoints are the folders with their meta.json
+        return max(int(json.loads(p.read_text())["epoch"]) for p in run_dir.glob("checkpoint_epoch=*/meta.json"))
+    from ray.train import Result  # Ray's record of the checkpoints it registered before the kill
+
+    return int(Result.from_path(str(run_dir)).checkpoint.path.rsplit("=", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_killed_run_resumes_at_the_next_epoch(workers: int, tmp_path: Path) -> None:
+    epochs = 12
+    args = ["conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}",
+            f"train.epochs={epochs}", "data.num_samples=3000", f"scaling.num_workers={workers}"]
+    run_dir = tmp_path / "linear_regression"
+    run = _train_cli(*args)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "checkpoint_epoch=0003").exists():
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.05)
+    run.kill()  # SIGKILL: no chance to clean up, as when a machine goes away
+    run.wait()
+    time.sleep(3)  # Ray's controller outlives its driver by a moment and may still record a checkpoint
+    resume_from = _latest_checkpoint_epoch(run_dir, workers)
+    again = _train_cli(*args)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    history = json.loads(out.strip().splitlines()[-1])["history"]
+    assert resume_from >= 1
+    assert [m["epoch"] for m in history] == list(range(resume_from + 1, epochs + 1))
+
+
+@pytest.mark.slow
+def test_a_user_module_trains_on_ray_workers(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "my_nets.py").write_text(
+        "from torch import nn\n"
+        "class TinyNet(nn.Module):\n"
+        "    def __init__(self, hidden: int):\n"
+        "        super().__init__()\n"
+        "        self.net = nn.Sequential(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 1))\n"
+        "    def forward(self, x):\n"
+        "        return self.net(x)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = load_config(CONF_DIR / "circles_classifier.yaml",
+                      ["model.name=my_nets:TinyNet", "model.kwargs={hidden: 8}", "train.epochs=2", "data.root=data"])
+    result = run_training(cfg)
+    assert [m["epoch"] for m in result.history] == [1, 2]
+    assert result.metrics["val_accuracy"] > 0.5
