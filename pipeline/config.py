@@ -144,7 +144,7 @@ class TrackingConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     loss: Literal[LOSS_NAMES] = "cross_entropy"  # type: ignore[valid-type]
     storage_path: str = "runs"
     data: DataConfig = DataConfig()

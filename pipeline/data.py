@@ -17,7 +17,8 @@ import json
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -37,7 +38,7 @@ __all__ = [
     "batch_indices",
     "load_splits",
     "materialize",
-    "normalize",
+    "normalizer",
     "shard_indices",
     "val_rows",
 ]
@@ -93,8 +94,8 @@ def materialize(cfg: DataConfig, seed: int) -> DatasetSpec:
     """Return the dataset's Parquet spec, writing the files first if this is the first time."""
     folder = Path(cfg.root).resolve() / "parquet" / _dataset_key(cfg, seed)
     manifest = folder / "manifest.json"
-    if manifest.is_file():
-        return DatasetSpec.from_json(json.loads(manifest.read_text()))
+    if manifest.is_file():  # the folder may have moved since it was written: trust where it is now
+        return DatasetSpec.from_json({**json.loads(manifest.read_text()), "directory": str(folder)})
     splits, classes = _read_source(cfg, seed)
     return _write_parquet(cfg.name, folder, splits, classes)
 
@@ -228,9 +229,11 @@ def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, .
     y_col = table[target]
     if pa.types.is_floating(y_col.type):
         return {"train": (x, y_col.to_numpy(zero_copy_only=False).astype(np.float32))}, ()
-    labels = np.array(y_col.to_pylist(), dtype=object).astype(str)
+    # Integer labels keep their numeric order (class 2 before class 10); others sort as text.
+    values = y_col.to_numpy(zero_copy_only=False)
+    labels = values if pa.types.is_integer(y_col.type) else values.astype(str)
     classes, y = np.unique(labels, return_inverse=True)
-    return {"train": (x, y.astype(np.int64))}, tuple(classes)
+    return {"train": (x, y.astype(np.int64))}, tuple(str(c) for c in classes)
 
 
 _MNIST_LIKE = {
@@ -276,7 +279,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise DataError(f"{path}: cannot be read ({err}); delete it and download again") from None
     if len(data) < 4 or data[0:2] != b"\x00\x00" or data[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of unsigned bytes; delete it and download again")
@@ -338,13 +341,24 @@ def _download_or_explain(name: str, folder: Path, wanted: list[str], download: b
             f"{name}: missing {missing} in {folder}; put torchvision's files there, "
             f"or set data.download=true where the network allows"
         )
+    before = set(folder.parent.rglob("*")) if folder.parent.exists() else set()
     try:
         _torchvision_download(name, folder)
     except (RuntimeError, OSError) as err:
+        _remove_new_files(folder.parent, before)  # an unverified download must not pass for the data later
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         raise DataError(
-            f"{name}: download failed ({str(err).strip().splitlines()[-1]}); without network, put torchvision's "
+            f"{name}: download failed ({reason}); without network, put torchvision's "
             f"files ({missing}) in {folder} and set data.download=false"
         ) from None
+
+
+def _remove_new_files(root: Path, before: set[Path]) -> None:
+    for path in sorted(set(root.rglob("*")) - before, reverse=True):  # files before their folders
+        if not path.is_dir():
+            path.unlink()
+        elif not any(path.iterdir()):
+            path.rmdir()
 
 
 def _torchvision_download(name: str, folder: Path) -> None:
@@ -421,15 +435,17 @@ def batch_indices(
         yield order[first : first + batch_size_per_worker]
 
 
-def normalize(x: torch.Tensor, spec: DatasetSpec, enabled: bool = True) -> torch.Tensor:
+def normalizer(spec: DatasetSpec, enabled: bool, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
     """uint8 images -> float in [0, 1] -> standardized per channel; features standardized per column."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    if not enabled:
-        return x
     shape = (1, -1, 1, 1) if spec.is_image else (1, -1)
-    mean = torch.tensor(spec.mean, device=x.device).view(shape)
-    std = torch.tensor(spec.std, device=x.device).view(shape)
-    return (x - mean) / std
+    mean = torch.tensor(spec.mean, device=device).view(shape)  # made once, not per batch
+    std = torch.tensor(spec.std, device=device).view(shape)
+
+    def normalize(x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return (x - mean) / std if enabled else x
+
+    return normalize
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:

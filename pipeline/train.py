@@ -27,7 +27,7 @@ from torch import nn
 
 from pipeline.checkpoints import LocalSession, RaySession, Session, load_state
 from pipeline.config import ConfigError, ExperimentConfig, OptimConfig
-from pipeline.data import DatasetSpec, augment, batch_indices, load_splits, materialize, normalize, shard_indices, val_rows
+from pipeline.data import DatasetSpec, augment, batch_indices, load_splits, materialize, normalizer, shard_indices, val_rows
 from pipeline.models import build_model
 
 __all__ = [
@@ -111,7 +111,7 @@ def run_worker(cfg: ExperimentConfig, spec: DatasetSpec, session: Session, emit:
             return
     model = session.wrap(model)
     loss_fn = LOSSES[cfg.loss]()
-    prep = _preprocessor(cfg, spec)
+    prep = _preprocessor(cfg, spec, device)
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         metrics = {"epoch": epoch, **train_epoch(model, splits["train"], loss_fn, optimizer, prep, cfg, session, epoch, emit)}
         evaluation = "val" if "val" in splits else "test"
@@ -130,15 +130,10 @@ class _Preprocess:
     eval: Callable[[torch.Tensor], torch.Tensor]
 
 
-def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec) -> _Preprocess:
+def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> _Preprocess:
     """Normalize on the device; augment training batches only."""
-    def eval_fn(x: torch.Tensor) -> torch.Tensor:
-        return normalize(x, spec, cfg.data.normalize)
-
-    def train_fn(x: torch.Tensor) -> torch.Tensor:
-        return augment(eval_fn(x), cfg.data.augment)
-
-    return _Preprocess(train=train_fn, eval=eval_fn)
+    normalize = normalizer(spec, cfg.data.normalize, device)
+    return _Preprocess(train=lambda x: augment(normalize(x), cfg.data.augment), eval=normalize)
 
 
 def _to_device(x: np.ndarray, y: np.ndarray, loss: str, device: torch.device) -> Batches:
