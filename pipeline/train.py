@@ -253,6 +253,8 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
         raise ConfigError(f"loss: {cfg.loss} does not fit {cfg.data.name}, a {spec.task} dataset")
     if cfg.loss == "bce_with_logits" and spec.num_classes != 2:
         raise ConfigError(f"loss: bce_with_logits needs 2 classes; {cfg.data.name} has {spec.num_classes}")
+    if cfg.scaling.num_workers == 0 and "://" in cfg.storage_path:
+        raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs (scaling.num_workers=0) need a local folder")
     if cfg.data.val_fraction == 0 and "test" not in spec.rows:
         raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must be > 0")
     _check_batch_fits(cfg, spec)

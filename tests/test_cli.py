@@ -75,3 +75,23 @@ def test_json_output_is_the_last_line_of_stdout(data_root: Path, tmp_path: Path)
 def test_the_console_script_is_installed() -> None:
     result = subprocess.run([str(Path(sys.executable).parent / "pipeline"), "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_failing_worker_exits_1_with_the_worker_s_error(tmp_path: Path) -> None:
+    # Builds and answers the driver's shape check (eval mode), then fails in the workers' training.
+    (tmp_path / "fragile.py").write_text(
+        "from torch import nn\n"
+        "class Fragile(nn.Linear):\n"
+        "    def __init__(self):\n"
+        "        super().__init__(2, 1)\n"
+        "    def forward(self, x):\n"
+        "        if self.training:\n"
+        "            raise RuntimeError('fragile breaks in training')\n"
+        "        return super().forward(x)\n"
+    )
+    result = pipeline("train", str(REPO / "conf/circles_classifier.yaml"), "model.name=fragile:Fragile",
+                      f"storage_path={tmp_path}", f"data.root={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "error: training failed: worker 0: RuntimeError: fragile breaks in training" in result.stderr
+    assert "Traceback" not in result.stderr
