@@ -45,13 +45,11 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.conf, args.overrides)  # before importing torch or Ray: bad input fails fast
     from pipeline.console import TrainingDisplay, print_summary
     from pipeline.data import DataError
-    from pipeline.train import ensure_ray, run_training, training_failure
+    from pipeline.train import run_training, training_failure
 
     try:
-        if cfg.scaling.num_workers > 0:
-            ensure_ray(verbose=args.verbose)
         with TrainingDisplay(cfg.train.epochs) as display:
-            result = run_training(cfg, fresh=args.fresh, on_event=display)
+            result = run_training(cfg, fresh=args.fresh, on_event=display, verbose=args.verbose)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

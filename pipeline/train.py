@@ -290,8 +290,10 @@ def storage_uri(cfg: ExperimentConfig) -> str:
     return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
 
 
-def run_training(cfg: ExperimentConfig, *, fresh: bool = False, on_event: EmitFn | None = None) -> TrainingResult:
-    """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`."""
+def run_training(
+    cfg: ExperimentConfig, *, fresh: bool = False, on_event: EmitFn | None = None, verbose: bool = False
+) -> TrainingResult:
+    """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`; `verbose` shows Ray's logs."""
     spec = prepare(cfg)
     run_dir = Path(storage_uri(cfg)) / cfg.name
     if fresh and run_dir.exists():
@@ -306,6 +308,7 @@ def run_training(cfg: ExperimentConfig, *, fresh: bool = False, on_event: EmitFn
 
     if cfg.scaling.num_workers == 0:
         return _run_in_process(cfg, spec, run_dir, collect, history)
+    ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
     return _run_on_ray(cfg, spec, collect, history)
 
 
@@ -319,7 +322,6 @@ def _run_in_process(cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emi
 
 
 def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, emit: EmitFn, history: list) -> TrainingResult:
-    ensure_ray()
     with _event_pump(emit) as queue:
         result = build_trainer(cfg, spec, progress_queue=queue).fit()
     best = result.get_best_checkpoint(metric=cfg.metric, mode=cfg.metric_mode) if result.best_checkpoints else None
