@@ -134,6 +134,8 @@ class TrainConfig(_Section):
 class ScalingSection(_Section):
     num_workers: int = Field(1, ge=0, description="0 trains in this process, without a worker group")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
+    # Ray sizes each worker's torch thread pool by its CPUs: more CPUs, more threads for one worker.
+    cpus_per_worker: int = Field(1, ge=1)
 
 
 class TrackingConfig(_Section):

@@ -349,7 +349,11 @@ def build_trainer(cfg: ExperimentConfig, spec: DatasetSpec, *, progress_queue: A
             "progress_queue": progress_queue,
             "driver_cwd": os.getcwd(),
         },
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
         run_config=RunConfig(
             name=cfg.name,  # no timestamp: the same name is how a re-run resumes
             storage_path=storage_uri(cfg),

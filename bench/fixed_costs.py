@@ -1,0 +1,127 @@
+"""Fixed costs: where the wall time of a 1-epoch linear regression goes, end to end.
+
+    .venv/bin/python -m bench.fixed_costs             # about 2 minutes on 2 cores
+    .venv/bin/python -m bench.fixed_costs --repeat 3  # medians of 3 runs of each
+
+Each measurement runs in a fresh interpreter, since imports and Ray's start are what is measured:
+- phases of `run_training` (conf/linear_regression.yaml, train.epochs=1) with scaling.num_workers=1
+  (Ray Train worker group) and 0 (this process, no Ray): imports, prepare (data + checks), Ray start,
+  fit (worker group start, training, teardown), and the training itself (samples / samples_per_sec);
+- Ray's own minimal TorchTrainer (one worker that reports once), timed the same way, for reference;
+- the whole CLI, `pipeline train conf/linear_regression.yaml train.epochs=1 --fresh --output json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import PIPELINE_CLI, bench_module, markdown_table, median, run_timed
+
+EPOCH_OVERRIDES = ("train.epochs=1",)
+
+
+def child_pipeline(workers: int, storage: str) -> dict[str, float]:
+    """Runs in a fresh interpreter: time each phase of one `run_training` call."""
+    marks = {"start": time.perf_counter()}
+    from pipeline.config import load_config
+    from pipeline.train import ensure_ray, prepare, run_training
+
+    marks["imports"] = time.perf_counter()
+    cfg = load_config("conf/linear_regression.yaml", [*EPOCH_OVERRIDES, f"scaling.num_workers={workers}",
+                                                      f"storage_path={storage}", f"data.root={storage}"])  # fmt: skip
+    prepare(cfg)  # run_training prepares again below; the second time reads the cached Parquet manifest
+    marks["prepare"] = time.perf_counter()
+    if workers:
+        ensure_ray()
+    marks["ray_start"] = time.perf_counter()
+    result = run_training(cfg)
+    marks["fit"] = time.perf_counter()
+    train_rows = cfg.data.num_samples - round(cfg.data.num_samples * cfg.data.val_fraction)
+    return {**_phases(marks), "training": train_rows / result.metrics["samples_per_sec"]}
+
+
+def child_ray_minimal() -> dict[str, float]:
+    """Ray's smallest TorchTrainer: one worker, one report, nothing else."""
+    marks = {"start": time.perf_counter()}
+    import ray
+    import ray.train
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    marks["imports"] = time.perf_counter()
+    marks["prepare"] = marks["imports"]
+    ray.init(include_dashboard=False, log_to_driver=False)
+    marks["ray_start"] = time.perf_counter()
+    with tempfile.TemporaryDirectory() as storage:
+        TorchTrainer(lambda: ray.train.report({"done": 1}), scaling_config=ScalingConfig(num_workers=1),
+                     run_config=ray.train.RunConfig(storage_path=storage, name="minimal")).fit()  # fmt: skip
+    marks["fit"] = time.perf_counter()
+    return {**_phases(marks), "training": 0.0}
+
+
+def _phases(marks: dict[str, float]) -> dict[str, float]:
+    names = list(marks)
+    return {name: marks[name] - marks[prev] for prev, name in zip(names, names[1:])}
+
+
+def measure_child(*args: str) -> dict[str, float]:
+    wall, out = run_timed(bench_module("fixed_costs", "--child", *args))
+    return {**json.loads(out.strip().splitlines()[-1]), "process": wall}
+
+
+def measure_cli(workers: int) -> float:
+    with tempfile.TemporaryDirectory() as storage:
+        wall, _ = run_timed([str(PIPELINE_CLI), "train", "conf/linear_regression.yaml", *EPOCH_OVERRIDES,
+                             f"scaling.num_workers={workers}", f"storage_path={storage}", f"data.root={storage}",
+                             "--fresh", "--output", "json"])  # fmt: skip
+    return wall
+
+
+def report(repeat: int) -> str:
+    contenders = {
+        "pipeline, num_workers=1 (Ray Train)": ("pipeline", "1"),
+        "pipeline, num_workers=0 (in-process)": ("pipeline", "0"),
+        "Ray's minimal TorchTrainer, 1 worker": ("ray_minimal",),
+    }
+    rows = []
+    for label, args in contenders.items():
+        runs = [measure_child(*args) for _ in range(repeat)]
+        phase = {key: median([r[key] for r in runs]) for key in runs[0]}
+        rows.append((label, *(f"{phase[k]:.2f}" for k in ("imports", "prepare", "ray_start", "fit", "training", "process"))))
+        print(f"  {label}: {phase['process']:.1f} s", flush=True)
+    phases = markdown_table(
+        ["run", "imports s", "prepare s", "Ray start s", "fit s", "of which training s", "whole process s"], rows
+    )
+    cli = [(f"`pipeline train ... scaling.num_workers={w}`", f"{median([measure_cli(w) for _ in range(repeat)]):.2f}")
+           for w in (1, 0)]  # fmt: skip
+    return "\n".join([
+        f"## Fixed costs: 1-epoch linear regression (medians of {repeat})", "",
+        "fit = worker group start + data load + training + teardown, as `TorchTrainer.fit()` takes it.", "",
+        phases, "", markdown_table(["whole CLI", "wall s"], cli),
+    ])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each measurement; the table shows medians")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        with tempfile.TemporaryDirectory() as storage:
+            kind, *rest = args.child
+            phases = child_pipeline(int(rest[0]), storage) if kind == "pipeline" else child_ray_minimal()
+        print(json.dumps(phases))
+        sys.stdout.flush()
+        return ""
+    text = report(args.repeat)
+    print("\n" + text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Training throughput: the project's loop against the PyTorch tutorial's own loop, same data, same process.
+
+    .venv/bin/python -m bench.throughput            # the full run: a few minutes on 2 cores
+    .venv/bin/python -m bench.throughput --quick    # a tenth of the samples: a smoke test
+    .venv/bin/python -m bench.throughput --no-ray   # only the in-process contenders
+
+Run from the repository root. The data are MNIST-sized stand-ins (60,000 + 10,000 28x28 uint8 images
+in the real IDX layout, tests/formats.py's writer), generated once into bench/.data and reused; the
+pipeline's Parquet copy lands under bench/.data/parquet. Two models, each trained by:
+
+  tutorial        torchvision's MNIST/FashionMNIST dataset (PIL + ToTensor + Normalize per sample) and
+                  DataLoader(batch_size=64, shuffle=True, drop_last=True), the plain tutorial loop
+  preloaded       the whole training set as one normalized float tensor; shuffled index batches
+  pipeline        pipeline.train.run_worker with a LocalSession: the project's loop in this process
+  Ray 1 / 2 w.    pipeline.train.run_training with scaling.num_workers=1 / 2 (global throughput)
+
+Same model (pipeline.models.build_model from the conf), optimizer (pipeline.train.make_optimizer),
+loss, batch 64 per worker, normalization stats and torch threads everywhere. The CNN runs without its
+conf's augmentation (flip, rotation) and with batch 64 instead of 100, so every contender does the
+same work. Each contender is warmed up before its timed samples: a few steps for the in-process ones,
+a first epoch for the Ray ones (whose reported samples_per_sec never includes startup or evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.common import DATA_ROOT, ensure_mnist_data, load_conf, markdown_table
+from pipeline.checkpoints import LocalSession
+from pipeline.config import ExperimentConfig
+from pipeline.data import DatasetSpec
+from pipeline.train import LOSSES, make_optimizer, num_outputs, prepare, run_training, run_worker
+from pipeline.models import build_model
+
+BATCH = 64
+THREADS = 2
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to benchmark: its conf, the overrides that make the comparison fair, its data."""
+
+    label: str
+    conf: str
+    overrides: tuple[str, ...]
+    torchvision_dataset: str
+    samples: int  # timed training samples per contender (rounded down to whole batches)
+
+
+@dataclass(frozen=True)
+class Result:
+    contender: str
+    samples: int
+    samples_per_sec: float
+    note: str = ""
+
+
+def cases(mlp_samples: int, cnn_samples: int) -> list[Case]:
+    no_augment = ("data.augment.hflip=false", "data.augment.rotation_degrees=0", "data.augment.crop_min_scale=1.0")
+    return [
+        Case("MNIST MLP (conf/mnist_mlp.yaml)", "mnist_mlp", (), "MNIST", mlp_samples),
+        Case("2-conv CNN (conf/fashion_mnist_cnn.yaml, no augmentation)", "fashion_mnist_cnn", no_augment, "FashionMNIST", cnn_samples),
+    ]
+
+
+def pipeline_conf(case: Case, samples: int, *, workers: int, epochs: int = 1, storage: str = "runs") -> ExperimentConfig:
+    """The case's conf on the bench data: one split of exactly `samples` training rows, batch 64."""
+    return load_conf(case.conf, [
+        *case.overrides,
+        f"data.root={DATA_ROOT}",
+        "data.download=false",
+        f"data.batch_size={BATCH}",
+        "data.val_fraction=0",  # all 60,000 rows train; the test split evaluates
+        f"data.limit={samples}",
+        f"train.epochs={epochs}",
+        f"scaling.num_workers={workers}",
+        f"storage_path={storage}",
+    ])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tutorial's loop, fed two ways
+
+
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batches: Iterator[Batch], steps: int) -> float:
+    """The tutorial's training loop body for `steps` batches; returns its wall seconds."""
+    model.train()
+    started = time.perf_counter()
+    for _, (x, y) in zip(range(steps), batches):
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    loss.item()
+    return time.perf_counter() - started
+
+
+def fresh_model(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec))
+    return model, make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss]()
+
+
+def time_plain_loop(cfg: ExperimentConfig, spec: DatasetSpec, batches: Iterator[Batch], steps: int, warmup: int) -> float:
+    """Samples/s of the plain loop over `steps` batches, after `warmup` batches from the same stream."""
+    model, optimizer, loss_fn = fresh_model(cfg, spec)
+    train_steps(model, optimizer, loss_fn, batches, warmup)
+    return steps * BATCH / train_steps(model, optimizer, loss_fn, batches, steps)
+
+
+def torchvision_dataset(case: Case, spec: DatasetSpec) -> torch.utils.data.Dataset:
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
+    return getattr(datasets, case.torchvision_dataset)(str(DATA_ROOT), train=True, download=False, transform=transform)
+
+
+def tutorial_batches(dataset: torch.utils.data.Dataset) -> Iterator[Batch]:
+    """DataLoader as in the tutorials (per-sample transforms in this process), epoch after epoch."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=True, drop_last=True)
+    while True:
+        yield from loader
+
+
+def preloaded_batches(images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec) -> Iterator[Batch]:
+    """The whole training set normalized once into one float tensor; each epoch a new permutation."""
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
+    x = ((images.unsqueeze(1).float() / 255.0 - mean) / std).contiguous()
+    y = labels.long()
+    while True:
+        order = torch.randperm(len(y))
+        for start in range(0, len(y) - BATCH + 1, BATCH):
+            idx = order[start : start + BATCH]
+            yield x[idx], y[idx]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The project's loop
+
+
+def _ignore(event: dict) -> None:
+    """run_training always passes an event sink; progress ticks cost one loss.item() every 0.5 s."""
+
+
+def pipeline_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> float:
+    """run_worker in this process, as `scaling.num_workers=0` runs it; its own samples_per_sec metric."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        session = LocalSession(Path(run_dir), keep=1, metric=cfg.metric, mode=cfg.metric_mode, device=torch.device("cpu"))
+        run_worker(cfg, spec, session, _ignore)
+    assert session.last_metrics is not None
+    return float(session.last_metrics["samples_per_sec"])
+
+
+def pipeline_on_ray(cfg: ExperimentConfig) -> float:
+    """run_training on Ray Train; the last epoch's samples_per_sec (global, across workers)."""
+    with tempfile.TemporaryDirectory() as storage:
+        result = run_training(cfg.model_copy(update={"storage_path": storage}), fresh=True)
+    return float(result.metrics["samples_per_sec"])
+
+
+def ray_worker_threads() -> int:
+    """torch's intra-op threads in a 1-CPU Ray actor, as a Train worker gets by default."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    class Probe:
+        def threads(self) -> int:
+            return torch.get_num_threads()
+
+    probe = Probe.remote()
+    threads = ray.get(probe.threads.remote())
+    ray.kill(probe)
+    return threads
+
+
+# ---------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def bench_case(case: Case, warmup: int, use_ray: bool, worker_threads: int | None) -> list[Result]:
+    steps = case.samples // BATCH
+    samples = steps * BATCH
+    cfg = pipeline_conf(case, samples, workers=0)
+    spec = prepare(cfg)  # writes the Parquet copy the first time
+    results: list[Result] = []
+
+    def add(name: str, rate: float, note: str = "", n: int = samples) -> None:
+        results.append(Result(name, n, rate, note))
+        print(f"  {name:<22} {rate:>9,.0f} samples/s", flush=True)
+
+    dataset = torchvision_dataset(case, spec)
+    add("tutorial", time_plain_loop(cfg, spec, tutorial_batches(dataset), steps, warmup),
+        "torchvision dataset + DataLoader(shuffle=True), num_workers=0")  # fmt: skip
+    images, labels = dataset.data, dataset.targets
+    add("preloaded tensor", time_plain_loop(cfg, spec, preloaded_batches(images, labels, spec), steps, warmup),
+        "one normalized float tensor, shuffled index batches")  # fmt: skip
+
+    pipeline_in_process(pipeline_conf(case, warmup * BATCH, workers=0), spec)  # warm-up
+    add("pipeline in-process", pipeline_in_process(cfg, spec), "run_worker + LocalSession (scaling.num_workers=0)")
+    if use_ray:
+        threads = f"{worker_threads} torch thread(s) per worker"
+        add("pipeline Ray 1 worker", pipeline_on_ray(pipeline_conf(case, samples, workers=1, epochs=2)),
+            f"run_training, 2nd epoch; {threads}")  # fmt: skip
+        half = samples // (2 * BATCH) * 2 * BATCH  # whole global batches of 2 x 64
+        add("pipeline Ray 2 workers", pipeline_on_ray(pipeline_conf(case, half, workers=2, epochs=2)),
+            f"run_training, 2nd epoch, global batch 128; {threads}", n=half)  # fmt: skip
+    return results
+
+
+def results_table(results: list[Result]) -> str:
+    tutorial = next(r.samples_per_sec for r in results if r.contender == "tutorial")
+    preloaded = next(r.samples_per_sec for r in results if r.contender == "preloaded tensor")
+    rows = [
+        (r.contender, f"{r.samples:,}", f"{r.samples_per_sec:,.0f}", f"{r.samples_per_sec / tutorial:.2f}x",
+         f"{r.samples_per_sec / preloaded:.2f}x", r.note)
+        for r in results
+    ]  # fmt: skip
+    return markdown_table(["contender", "timed samples", "samples/s", "vs tutorial", "vs preloaded", "how"], rows)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mlp-samples", type=int, default=60_000, help="timed samples per contender, MLP (1 epoch)")
+    parser.add_argument("--cnn-samples", type=int, default=12_800, help="timed samples per contender, CNN")
+    parser.add_argument("--warmup-steps", type=int, default=20, help="untimed batches before each in-process contender")
+    parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also time the Ray contenders")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the samples: a smoke test, not a measurement")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.mlp_samples, args.cnn_samples, args.warmup_steps = args.mlp_samples // 10, args.cnn_samples // 10, 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    torch.set_num_threads(THREADS)
+    ensure_mnist_data()
+    worker_threads = None
+    if args.ray:
+        from pipeline.train import ensure_ray
+
+        ensure_ray()  # as the CLI starts it: all of this machine's CPUs
+        worker_threads = ray_worker_threads()
+    report = [
+        f"## Training throughput (samples/s; batch {BATCH} per worker; torch.set_num_threads({THREADS}) in this process)",
+        "",
+    ]
+    for case in cases(args.mlp_samples, args.cnn_samples):
+        print(f"{case.label}:", flush=True)
+        report += [f"### {case.label}", "", results_table(bench_case(case, args.warmup_steps, args.ray, worker_threads)), ""]
+    text = "\n".join(report)
+    print("\n" + text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
