@@ -72,7 +72,9 @@ def cases(mlp_samples: int, cnn_samples: int) -> list[Case]:
     ]
 
 
-def pipeline_conf(case: Case, samples: int, *, workers: int, epochs: int = 1, storage: str = "runs") -> ExperimentConfig:
+def pipeline_conf(
+    case: Case, samples: int, *, workers: int, cpus: int = 1, epochs: int = 1, storage: str = "runs"
+) -> ExperimentConfig:
     """The case's conf on the bench data: one split of exactly `samples` training rows, batch 64."""
     return load_conf(case.conf, [
         *case.overrides,
@@ -83,6 +85,7 @@ def pipeline_conf(case: Case, samples: int, *, workers: int, epochs: int = 1, st
         f"data.limit={samples}",
         f"train.epochs={epochs}",
         f"scaling.num_workers={workers}",
+        f"scaling.cpus_per_worker={cpus}",
         f"storage_path={storage}",
     ])  # fmt: skip
 
@@ -167,26 +170,11 @@ def pipeline_on_ray(cfg: ExperimentConfig) -> float:
     return float(result.metrics["samples_per_sec"])
 
 
-def ray_worker_threads() -> int:
-    """torch's intra-op threads in a 1-CPU Ray actor, as a Train worker gets by default."""
-    import ray
-
-    @ray.remote(num_cpus=1)
-    class Probe:
-        def threads(self) -> int:
-            return torch.get_num_threads()
-
-    probe = Probe.remote()
-    threads = ray.get(probe.threads.remote())
-    ray.kill(probe)
-    return threads
-
-
 # ---------------------------------------------------------------------------------------------------
 # The benchmark
 
 
-def bench_case(case: Case, warmup: int, use_ray: bool, worker_threads: int | None) -> list[Result]:
+def bench_case(case: Case, warmup: int, use_ray: bool) -> list[Result]:
     steps = case.samples // BATCH
     samples = steps * BATCH
     cfg = pipeline_conf(case, samples, workers=0)
@@ -207,12 +195,13 @@ def bench_case(case: Case, warmup: int, use_ray: bool, worker_threads: int | Non
     pipeline_in_process(pipeline_conf(case, warmup * BATCH, workers=0), spec)  # warm-up
     add("pipeline in-process", pipeline_in_process(cfg, spec), "run_worker + LocalSession (scaling.num_workers=0)")
     if use_ray:
-        threads = f"{worker_threads} torch thread(s) per worker"
-        add("pipeline Ray 1 worker", pipeline_on_ray(pipeline_conf(case, samples, workers=1, epochs=2)),
-            f"run_training, 2nd epoch; {threads}")  # fmt: skip
+        # Ray gives a worker as many torch threads as it has CPUs (OMP_NUM_THREADS), 1 by default.
         half = samples // (2 * BATCH) * 2 * BATCH  # whole global batches of 2 x 64
-        add("pipeline Ray 2 workers", pipeline_on_ray(pipeline_conf(case, half, workers=2, epochs=2)),
-            f"run_training, 2nd epoch, global batch 128; {threads}", n=half)  # fmt: skip
+        for label, workers, cpus, n in (("Ray 1 worker", 1, 1, samples), ("Ray 1 worker, 2 CPUs", 1, 2, samples),
+                                        ("Ray 2 workers", 2, 1, half)):
+            rate = pipeline_on_ray(pipeline_conf(case, n, workers=workers, cpus=cpus, epochs=2))
+            add(f"pipeline {label}", rate, f"run_training, 2nd epoch, global batch {64 * workers}; "
+                f"{cpus} CPU (torch thread) per worker", n=n)  # fmt: skip
     return results
 
 
@@ -244,19 +233,17 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     ensure_mnist_data()
-    worker_threads = None
     if args.ray:
         from pipeline.train import ensure_ray
 
         ensure_ray()  # as the CLI starts it: all of this machine's CPUs
-        worker_threads = ray_worker_threads()
     report = [
         f"## Training throughput (samples/s; batch {BATCH} per worker; torch.set_num_threads({THREADS}) in this process)",
         "",
     ]
     for case in cases(args.mlp_samples, args.cnn_samples):
         print(f"{case.label}:", flush=True)
-        report += [f"### {case.label}", "", results_table(bench_case(case, args.warmup_steps, args.ray, worker_threads)), ""]
+        report += [f"### {case.label}", "", results_table(bench_case(case, args.warmup_steps, args.ray)), ""]
     text = "\n".join(report)
     print("\n" + text)
     return text
