@@ -76,7 +76,14 @@ def resnet18(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -
     from torchvision.models import ResNet18_Weights
     from torchvision.models import resnet18 as tv_resnet18
 
-    model = tv_resnet18(weights=ResNet18_Weights.DEFAULT if cfg.pretrained else None)
+    try:
+        model = tv_resnet18(weights=ResNet18_Weights.DEFAULT if cfg.pretrained else None)
+    except OSError as err:  # no network: torch.hub could not fetch the weights into its cache
+        raise ValueError(
+            f"model.pretrained: cannot fetch ResNet-18's ImageNet weights ({err}); without network, put "
+            f"{ResNet18_Weights.DEFAULT.url.rsplit('/', 1)[1]} in $TORCH_HOME/hub/checkpoints/ "
+            f"(default ~/.cache/torch) or set model.pretrained=false"
+        ) from None
     if input_shape[0] != 3:
         model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False)
     if cfg.freeze_backbone:

@@ -276,6 +276,9 @@ def _check_batch_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
 def _check_model_accepts(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
     try:
         model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec)).eval()
+    except ValueError as err:  # the builders say which key is wrong
+        raise ConfigError(str(err)) from None
+    try:
         with torch.no_grad():
             out = model(torch.zeros(2, *spec.input_shape))
     except (ValueError, RuntimeError, TypeError) as err:

@@ -95,3 +95,10 @@ def test_a_failing_worker_exits_1_with_the_worker_s_error(tmp_path: Path) -> Non
     assert result.returncode == 1, result.stderr
     assert "error: training failed: worker 0: RuntimeError: fragile breaks in training" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_user_model_that_cannot_be_imported_exits_2(tmp_path: Path) -> None:
+    result = pipeline("train", "conf/circles_classifier.yaml", "model.name=no_such_package.nets:Net",
+                      f"data.root={tmp_path}", f"storage_path={tmp_path}")
+    assert result.returncode == 2
+    assert "model.name: cannot import 'no_such_package.nets'" in result.stderr and "Traceback" not in result.stderr
