@@ -19,7 +19,15 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-__all__ = ["LocalSession", "RaySession", "Session", "checkpoint_dir_name", "load_state", "save_state"]
+__all__ = [
+    "LocalSession",
+    "RaySession",
+    "Session",
+    "checkpoint_dir_name",
+    "latest_meta",
+    "load_state",
+    "save_state",
+]
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -32,7 +40,14 @@ def checkpoint_dir_name(epoch: int) -> str:
 def save_state(directory: Path, state: dict[str, Any]) -> None:
     """Weights, optimizer, epoch, metrics and the configs that rebuild the model, plus a readable summary."""
     torch.save(state, directory / STATE_FILE)
-    (directory / META_FILE).write_text(json.dumps({"epoch": state["epoch"], "metrics": state["metrics"]}))
+    summary = {key: state[key] for key in ("epoch", "metrics", "architecture")}
+    (directory / META_FILE).write_text(json.dumps(summary))
+
+
+def latest_meta(run_dir: Path) -> dict[str, Any] | None:
+    """The summary of a local run's newest complete checkpoint, or None."""
+    found = sorted(run_dir.glob(f"checkpoint_epoch=*/{META_FILE}"))
+    return json.loads(found[-1].read_text()) if found else None
 
 
 def load_state(directory: Path) -> dict[str, Any]:

@@ -11,7 +11,6 @@ tuning reuses it. `run_training(cfg)` is the whole run: data, checks, trainer, r
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import threading
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.checkpoints import LocalSession, RaySession, Session, load_state
+from pipeline.checkpoints import LocalSession, RaySession, Session, latest_meta, load_state
 from pipeline.config import ConfigError, ExperimentConfig, OptimConfig
 from pipeline.data import DatasetSpec, augment, batch_indices, load_splits, materialize, normalizer, shard_indices, val_rows
 from pipeline.models import build_model
@@ -227,7 +226,36 @@ def _checkpoint_state(
         "metrics": metrics,
         "experiment": cfg.model_dump(mode="json"),  # with the dataset spec: enough to rebuild the model
         "dataset": spec.to_json(),
+        "architecture": architecture(cfg),
     }
+
+
+def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config keys a checkpoint's weights depend on: a run resumes only if they are unchanged."""
+    data = cfg.data.model_dump(include={"name", "path", "target"})
+    return {"model": cfg.model.model_dump(mode="json"), "loss": cfg.loss, "data": data}
+
+
+def _check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
+    meta = latest_meta(run_dir)
+    if meta is None or meta.get("architecture") == architecture(cfg):
+        return
+    before, now = _flatten(meta.get("architecture", {})), _flatten(architecture(cfg))
+    changed = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+    raise ConfigError(
+        f"{run_dir} holds checkpoints of a different model ({changed}); "
+        f"add --fresh to start over, or give the run another name (name=...)"
+    )
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,8 +327,10 @@ def run_training(
     """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`; `verbose` shows Ray's logs."""
     spec = prepare(cfg)
     run_dir = Path(storage_uri(cfg)) / cfg.name
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
+    if fresh:
+        _delete_run(storage_uri(cfg), cfg.name)
+    elif "://" not in cfg.storage_path:
+        _check_resumable(run_dir, cfg)
     history: list[dict[str, Any]] = []
 
     def collect(event: Event) -> None:
@@ -313,6 +343,16 @@ def run_training(
         return _run_in_process(cfg, spec, run_dir, collect, history)
     ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
     return _run_on_ray(cfg, spec, collect, history)
+
+
+def _delete_run(storage: str, name: str) -> None:
+    """--fresh: remove the run's checkpoints, on a local disk or in an object store."""
+    import pyarrow.fs
+
+    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
+    path = f"{root.rstrip('/')}/{name}"
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
+        filesystem.delete_dir(path)
 
 
 def _run_in_process(cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list) -> TrainingResult:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.config import load_config
+from pipeline.config import ConfigError, load_config
 from pipeline.data import LINEAR_TRUE_B, LINEAR_TRUE_W
 from pipeline.train import load_checkpoint, run_training
 from tests.conftest import CONF_DIR, REPO, tiny
@@ -61,6 +61,15 @@ def test_a_rerun_with_more_epochs_continues_from_the_checkpoint(data_root: Path,
     assert second.history[0]["train_loss"] < first.history[0]["train_loss"], "it went on from trained weights"
     fresh = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=1"]), fresh=True)
     assert [m["epoch"] for m in fresh.history] == [1]
+
+
+def test_resuming_with_a_different_model_is_refused_with_the_fix(data_root: Path, tmp_path: Path) -> None:
+    overrides = tiny(data_root, tmp_path, "scaling.num_workers=0")
+    run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "model.hidden=[32]"]))
+    changed = load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "model.hidden=[64]", "train.epochs=2"])
+    with pytest.raises(ConfigError, match=r"different model \(model.hidden: \[32\] -> \[64\]\); add --fresh"):
+        run_training(changed)
+    assert [m["epoch"] for m in run_training(changed, fresh=True).history] == [1, 2]
 
 
 def _train_cli(*args: str) -> subprocess.Popen:
