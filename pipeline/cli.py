@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("conf", help="experiment YAML, e.g. conf/fashion_mnist_cnn.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. optim.lr=0.01 train.epochs=3")
     train.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
+    train.add_argument("--dry-run", action="store_true", help="1 epoch over 4 batches, as run NAME-dry-run: a quick check")
     train.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
     train.add_argument("--verbose", action="store_true", help="show Ray's own logs")
     return parser
@@ -43,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.conf, args.overrides)  # before importing torch or Ray: bad input fails fast
+    if args.dry_run:
+        cfg = cfg.dry_run()
     from pipeline.console import TrainingDisplay, print_summary
     from pipeline.data import DataError
     from pipeline.train import run_training, training_failure
 
     try:
         with TrainingDisplay(cfg.train.epochs) as display:
-            result = run_training(cfg, fresh=args.fresh, on_event=display, verbose=args.verbose)
+            result = run_training(cfg, fresh=args.fresh or args.dry_run, on_event=display, verbose=args.verbose)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -156,6 +156,17 @@ class ExperimentConfig(_Section):
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
 
+    def dry_run(self) -> ExperimentConfig:
+        """The same experiment shrunk to seconds, as a separate run: 1 epoch over 4 global batches."""
+        workers = max(self.scaling.num_workers, 1)
+        return self.model_copy(
+            update={
+                "name": f"{self.name}-dry-run",
+                "train": self.train.model_copy(update={"epochs": 1}),
+                "data": self.data.model_copy(update={"limit": 4 * self.data.batch_size * workers}),
+            }
+        )
+
     @property
     def is_classifier(self) -> bool:
         return self.loss in CLASSIFICATION_LOSSES

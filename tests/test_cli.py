@@ -102,3 +102,12 @@ def test_a_user_model_that_cannot_be_imported_exits_2(tmp_path: Path) -> None:
                       f"data.root={tmp_path}", f"storage_path={tmp_path}")
     assert result.returncode == 2
     assert "model.name: cannot import 'no_such_package.nets'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_dry_run_trains_four_batches_as_a_separate_run(data_root: Path, tmp_path: Path) -> None:
+    result = pipeline("train", "conf/mnist_lenet.yaml", f"data.root={data_root}", "data.download=false",
+                      f"storage_path={tmp_path}", "scaling.num_workers=0", "data.batch_size=8", "--dry-run", "--output", "json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["run_name"] == "mnist_lenet-dry-run" and [m["epoch"] for m in summary["history"]] == [1]
+    assert (tmp_path / "mnist_lenet-dry-run").is_dir() and not (tmp_path / "mnist_lenet").exists()
