@@ -117,8 +117,8 @@ def _read_source(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], tuple[st
     if cfg.name == "tabular":
         return _read_table(Path(cfg.path or ""), cfg.target or "")
     if cfg.name == "cifar10":
-        return _read_cifar10(Path(cfg.root), cfg.download)
-    return _read_mnist_like(cfg.name, Path(cfg.root), cfg.download)
+        return _read_cifar10(Path(cfg.root).resolve(), cfg.download)
+    return _read_mnist_like(cfg.name, Path(cfg.root).resolve(), cfg.download)
 
 
 def _write_parquet(name: str, folder: Path, splits: dict[str, Split], classes: tuple[str, ...]) -> DatasetSpec:
