@@ -12,18 +12,23 @@ pipeline's Parquet copy lands under bench/.data/parquet. Two models, each traine
                   DataLoader(batch_size=64, shuffle=True, drop_last=True), the plain tutorial loop
   preloaded       the whole training set as one normalized float tensor; shuffled index batches
   pipeline        pipeline.train.run_worker with a LocalSession: the project's loop in this process
-  Ray 1 / 2 w.    pipeline.train.run_training with scaling.num_workers=1 / 2 (global throughput)
+  Ray ...         pipeline.train.run_training with scaling.num_workers=1 (1 or 2 CPUs per worker) and
+                  num_workers=2 (global throughput)
 
 Same model (pipeline.models.build_model from the conf), optimizer (pipeline.train.make_optimizer),
 loss, batch 64 per worker, normalization stats and torch threads everywhere. The CNN runs without its
 conf's augmentation (flip, rotation) and with batch 64 instead of 100, so every contender does the
 same work. Each contender is warmed up before its timed samples: a few steps for the in-process ones,
 a first epoch for the Ray ones (whose reported samples_per_sec never includes startup or evaluation).
+The in-process contenders run --repeats times, round-robin, before Ray starts (median and range
+shown); the Ray ones once each, after. The pipeline rows are the loop's own samples_per_sec metric:
+training steps only, not the Parquet read or the evaluation that run_worker also does.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,8 +42,8 @@ from bench.common import DATA_ROOT, ensure_mnist_data, load_conf, markdown_table
 from pipeline.checkpoints import LocalSession
 from pipeline.config import ExperimentConfig
 from pipeline.data import DatasetSpec
-from pipeline.train import LOSSES, make_optimizer, num_outputs, prepare, run_training, run_worker
-from pipeline.models import build_model
+from pipeline.models import model_for
+from pipeline.train import LOSSES, make_optimizer, prepare, run_training, run_worker
 
 BATCH = 64
 THREADS = 2
@@ -60,8 +65,12 @@ class Case:
 class Result:
     contender: str
     samples: int
-    samples_per_sec: float
-    note: str = ""
+    rates: tuple[float, ...]  # samples/s, one per measurement
+    how: str
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rates)
 
 
 def cases(mlp_samples: int, cnn_samples: int) -> list[Case]:
@@ -109,7 +118,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.
 
 def fresh_model(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec))
+    model = model_for(cfg, spec)
     return model, make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss]()
 
 
@@ -166,66 +175,82 @@ def pipeline_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> float:
 def pipeline_on_ray(cfg: ExperimentConfig) -> float:
     """run_training on Ray Train; the last epoch's samples_per_sec (global, across workers)."""
     with tempfile.TemporaryDirectory() as storage:
-        result = run_training(cfg.model_copy(update={"storage_path": storage}), fresh=True)
+        result = run_training(cfg.model_copy(update={"storage_path": storage}), fresh=True, track=False)
     return float(result.metrics["samples_per_sec"])
 
 
 # ---------------------------------------------------------------------------------------------------
 # The benchmark
 
+Contender = tuple[str, str, Callable[[], float]]  # name, how it feeds the loop, one measurement (samples/s)
 
-def bench_case(case: Case, warmup: int, use_ray: bool) -> list[Result]:
+
+def in_process_contenders(case: Case, warmup: int) -> tuple[int, list[Contender]]:
+    """The three contenders that run in this process, each measurement warmed up; and the timed samples."""
     steps = case.samples // BATCH
-    samples = steps * BATCH
-    cfg = pipeline_conf(case, samples, workers=0)
+    cfg = pipeline_conf(case, steps * BATCH, workers=0)
     spec = prepare(cfg)  # writes the Parquet copy the first time
-    results: list[Result] = []
-
-    def add(name: str, rate: float, note: str = "", n: int = samples) -> None:
-        results.append(Result(name, n, rate, note))
-        print(f"  {name:<22} {rate:>9,.0f} samples/s", flush=True)
-
     dataset = torchvision_dataset(case, spec)
-    add("tutorial", time_plain_loop(cfg, spec, tutorial_batches(dataset), steps, warmup),
-        "torchvision dataset + DataLoader(shuffle=True), num_workers=0")  # fmt: skip
-    images, labels = dataset.data, dataset.targets
-    add("preloaded tensor", time_plain_loop(cfg, spec, preloaded_batches(images, labels, spec), steps, warmup),
-        "one normalized float tensor, shuffled index batches")  # fmt: skip
+    pipeline_in_process(pipeline_conf(case, warmup * BATCH, workers=0), spec)  # one-time costs: first read, first steps
+    return steps * BATCH, [
+        ("tutorial", "torchvision dataset + DataLoader(shuffle=True), num_workers=0",
+         lambda: time_plain_loop(cfg, spec, tutorial_batches(dataset), steps, warmup)),
+        ("preloaded tensor", "one normalized float tensor, shuffled index batches",
+         lambda: time_plain_loop(cfg, spec, preloaded_batches(dataset.data, dataset.targets, spec), steps, warmup)),
+        ("pipeline in-process", "run_worker + LocalSession (scaling.num_workers=0)",
+         lambda: pipeline_in_process(cfg, spec)),
+    ]  # fmt: skip
 
-    pipeline_in_process(pipeline_conf(case, warmup * BATCH, workers=0), spec)  # warm-up
-    add("pipeline in-process", pipeline_in_process(cfg, spec), "run_worker + LocalSession (scaling.num_workers=0)")
-    if use_ray:
-        # Ray gives a worker as many torch threads as it has CPUs (OMP_NUM_THREADS), 1 by default.
-        half = samples // (2 * BATCH) * 2 * BATCH  # whole global batches of 2 x 64
-        for label, workers, cpus, n in (("Ray 1 worker", 1, 1, samples), ("Ray 1 worker, 2 CPUs", 1, 2, samples),
-                                        ("Ray 2 workers", 2, 1, half)):
-            rate = pipeline_on_ray(pipeline_conf(case, n, workers=workers, cpus=cpus, epochs=2))
-            add(f"pipeline {label}", rate, f"run_training, 2nd epoch, global batch {64 * workers}; "
-                f"{cpus} CPU (torch thread) per worker", n=n)  # fmt: skip
-    return results
+
+def ray_contenders(case: Case) -> list[tuple[int, Contender]]:
+    """The Ray contenders (each a whole run_training; its first epoch is the warm-up), with their samples.
+
+    Ray gives a worker as many torch threads as it holds CPUs (OMP_NUM_THREADS), 1 by default.
+    """
+    one = case.samples // BATCH * BATCH
+    two = case.samples // (2 * BATCH) * 2 * BATCH  # whole global batches of 2 x 64
+    found = []
+    for label, workers, cpus, samples in (("Ray 1 worker", 1, 1, one), ("Ray 1 worker, 2 CPUs", 1, 2, one),
+                                          ("Ray 2 workers", 2, 1, two)):  # fmt: skip
+        cfg = pipeline_conf(case, samples, workers=workers, cpus=cpus, epochs=2)
+        how = f"run_training, 2nd epoch, global batch {BATCH * workers}; {cpus} CPU (torch thread) per worker"
+        found.append((samples, (f"pipeline {label}", how, lambda cfg=cfg: pipeline_on_ray(cfg))))
+    return found
+
+
+def measure(contenders: list[tuple[int, Contender]], repeats: int) -> list[Result]:
+    """Every contender `repeats` times, round-robin, so that a noisy neighbour hits them all alike."""
+    rates: list[list[float]] = [[] for _ in contenders]
+    for _ in range(repeats):
+        for (_, (name, _, run)), found in zip(contenders, rates):
+            found.append(run())
+            print(f"  {name:<30} {found[-1]:>9,.0f} samples/s", flush=True)
+    return [Result(name, samples, tuple(found), how) for (samples, (name, how, _)), found in zip(contenders, rates)]
 
 
 def results_table(results: list[Result]) -> str:
-    tutorial = next(r.samples_per_sec for r in results if r.contender == "tutorial")
-    preloaded = next(r.samples_per_sec for r in results if r.contender == "preloaded tensor")
+    by_name = {r.contender: r.median for r in results}
+    tutorial, preloaded = by_name["tutorial"], by_name["preloaded tensor"]
     rows = [
-        (r.contender, f"{r.samples:,}", f"{r.samples_per_sec:,.0f}", f"{r.samples_per_sec / tutorial:.2f}x",
-         f"{r.samples_per_sec / preloaded:.2f}x", r.note)
+        (r.contender, f"{r.samples:,}", len(r.rates), f"{r.median:,.0f}", f"{min(r.rates):,.0f}-{max(r.rates):,.0f}",
+         f"{r.median / tutorial:.2f}x", f"{r.median / preloaded:.2f}x", r.how)
         for r in results
     ]  # fmt: skip
-    return markdown_table(["contender", "timed samples", "samples/s", "vs tutorial", "vs preloaded", "how"], rows)
+    headers = ["contender", "timed samples", "runs", "samples/s (median)", "min-max", "vs tutorial", "vs preloaded", "how"]
+    return markdown_table(headers, rows)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mlp-samples", type=int, default=60_000, help="timed samples per contender, MLP (1 epoch)")
     parser.add_argument("--cnn-samples", type=int, default=12_800, help="timed samples per contender, CNN")
-    parser.add_argument("--warmup-steps", type=int, default=20, help="untimed batches before each in-process contender")
+    parser.add_argument("--warmup-steps", type=int, default=20, help="untimed batches before each in-process measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per in-process contender (median shown)")
     parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also time the Ray contenders")
-    parser.add_argument("--quick", action="store_true", help="a tenth of the samples: a smoke test, not a measurement")
+    parser.add_argument("--quick", action="store_true", help="a tenth of the samples, one repeat: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:
-        args.mlp_samples, args.cnn_samples, args.warmup_steps = args.mlp_samples // 10, args.cnn_samples // 10, 5
+        args.mlp_samples, args.cnn_samples, args.warmup_steps, args.repeats = args.mlp_samples // 10, args.cnn_samples // 10, 5, 1
     return args
 
 
@@ -233,17 +258,21 @@ def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     torch.set_num_threads(THREADS)
     ensure_mnist_data()
+    results: dict[Case, list[Result]] = {}
+    for case in cases(args.mlp_samples, args.cnn_samples):  # all in-process work first, before Ray starts
+        print(f"{case.label}:", flush=True)
+        samples, contenders = in_process_contenders(case, args.warmup_steps)
+        results[case] = measure([(samples, c) for c in contenders], args.repeats)
     if args.ray:
         from pipeline.train import ensure_ray
 
         ensure_ray()  # as the CLI starts it: all of this machine's CPUs
-    report = [
-        f"## Training throughput (samples/s; batch {BATCH} per worker; torch.set_num_threads({THREADS}) in this process)",
-        "",
-    ]
-    for case in cases(args.mlp_samples, args.cnn_samples):
-        print(f"{case.label}:", flush=True)
-        report += [f"### {case.label}", "", results_table(bench_case(case, args.warmup_steps, args.ray)), ""]
+        for case in results:
+            print(f"{case.label}, on Ray:", flush=True)
+            results[case] += measure(ray_contenders(case), repeats=1)
+    report = [f"## Training throughput (batch {BATCH} per worker; torch.set_num_threads({THREADS}) in the driver)", ""]
+    for case, found in results.items():
+        report += [f"### {case.label}", "", results_table(found), ""]
     text = "\n".join(report)
     print("\n" + text)
     return text

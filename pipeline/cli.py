@@ -1,15 +1,20 @@
 """The `pipeline` command: parse arguments, call the package, turn known errors into exit codes.
 
     pipeline train conf/fashion_mnist_cnn.yaml train.epochs=3 scaling.num_workers=2
+    pipeline predict fashion_mnist_cnn@champion shoe.png --out predictions.csv
+    pipeline ui
     python -m pipeline train conf/linear_regression.yaml --output json
 
-Exit codes: 0 done, 1 training failed, 2 bad input (config, data, arguments), 130 interrupted.
+Exit codes: 0 done, 1 training failed, 2 bad input (config, data, arguments, model reference), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import subprocess
 import sys
 
 from pipeline.config import ConfigError, load_config
@@ -23,23 +28,53 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train one experiment (resumes from its latest checkpoint)")
     train.add_argument("conf", help="experiment YAML, e.g. conf/fashion_mnist_cnn.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. optim.lr=0.01 train.epochs=3")
-    train.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over")
-    train.add_argument("--dry-run", action="store_true", help="1 epoch over 4 batches, as run NAME-dry-run: a quick check")
+    train.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over (a new MLflow run)")
+    train.add_argument("--dry-run", action="store_true", help="1 epoch over 4 batches, as run NAME-dry-run, not registered")
+    train.add_argument("--no-register", action="store_true", help="track the run but register no model version")
     train.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
-    train.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    train.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs")
+    predict = commands.add_parser("predict", help="run a registered model on images, .npy arrays or tables")
+    predict.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion, or NAME/VERSION")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help=".png/.jpg images, .npy arrays, .csv/.parquet tables")
+    predict.add_argument("--out", help="write a .csv or .parquet file instead of printing the table")
+    predict.add_argument("--verbose", action="store_true", help="show MLflow's own logs")
+    ui = commands.add_parser("ui", help="serve the MLflow UI for the tracking store (the embedded default here)")
+    ui.add_argument("--host", default="127.0.0.1", help="address to bind; anything else than 127.0.0.1 exposes the UI")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--verbose", action="store_true", help="show the server's own logs")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
+    commands = {"train": _train, "predict": _predict, "ui": _ui}
     try:
-        return _train(args)
-    except ConfigError as err:
+        return commands[args.command](args)
+    except ValueError as err:  # ConfigError, DataError, RegistryError, InputError: bad input, said plainly
+        if not isinstance(err, _bad_input_errors()):
+            raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the latest checkpoint", file=sys.stderr)
+        if args.command == "train":
+            print("interrupted; run the same command again to resume from the latest checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _bad_input_errors() -> tuple[type[ValueError], ...]:
+    errors: list[type[ValueError]] = [ConfigError]
+    for module, name in (("pipeline.data", "DataError"), ("pipeline.registry", "RegistryError"), ("pipeline.serving", "InputError")):
+        if module in sys.modules:  # only errors of modules in use: no heavy import just to compare
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
+def _quiet_libraries() -> None:
+    """MLflow's INFO lines are noise in a terminal; --verbose shows them."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported, here and in workers
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -47,15 +82,17 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg = cfg.dry_run()
     from pipeline.console import TrainingDisplay, print_summary
-    from pipeline.data import DataError
     from pipeline.train import run_training, training_failure
 
     try:
         with TrainingDisplay(cfg.train.epochs) as display:
-            result = run_training(cfg, fresh=args.fresh or args.dry_run, on_event=display, verbose=args.verbose)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+            result = run_training(
+                cfg,
+                fresh=args.fresh or args.dry_run,
+                on_event=display,
+                verbose=args.verbose,
+                register=not (args.no_register or args.dry_run),
+            )
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
         message = training_failure(err)
         if message is None:
@@ -66,4 +103,35 @@ def _train(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary()))
     else:
         print_summary(result.summary())
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from pipeline.predict import check_out, predict_files, write_table
+    from pipeline.registry import load_model
+
+    check_out(args.out)
+    write_table(predict_files(load_model(args.model), args.inputs), args.out)
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from pipeline.tracking import redact, resolve_store, ui_command
+
+    store = resolve_store(None)
+    if store.is_server:
+        print(f"the tracking store is already a server: open {redact(store.uri)}")
+        return 0
+    command = ui_command(store, args.host, args.port)
+    print(f"MLflow UI for {redact(store.uri)} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    server = subprocess.Popen(command, stdout=None if args.verbose else subprocess.DEVNULL, stderr=None if args.verbose else subprocess.PIPE)
+    try:
+        _, stderr = server.communicate()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait()
+        raise
+    if server.returncode != 0:
+        print(f"error: the MLflow server stopped (exit {server.returncode}):\n{(stderr or b'').decode()[-2000:]}", file=sys.stderr)
+        return EXIT_FAILED
     return 0

@@ -27,6 +27,7 @@ __all__ = [
     "ConfigError",
     "ExperimentConfig",
     "config_hash",
+    "flatten",
     "load_config",
 ]
 
@@ -199,6 +200,17 @@ def config_hash(cfg: ExperimentConfig) -> str:
     """A short, stable hash of the resolved config: the same experiment gets the same hash."""
     canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested sections as dotted keys: {"optim": {"lr": 0.1}} -> {"optim.lr": 0.1}."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -73,4 +73,8 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     for key, value in summary["metrics"].items():
         table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     table.add_row("best checkpoint", str(summary["checkpoint"]))
+    if summary.get("mlflow_run_id"):
+        table.add_row("mlflow run", summary["mlflow_run_id"])
+    if registration := summary.get("registration"):
+        table.add_row("registered", f"{registration['name']} version {registration['version']} @{registration['alias']}")
     console.print(table)

@@ -18,7 +18,7 @@ import os
 import pickle
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,12 +28,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pipeline.config import AugmentConfig, DataConfig
 
 __all__ = [
     "DataError",
     "DatasetSpec",
+    "Normalize",
     "augment",
     "batch_indices",
     "load_splits",
@@ -68,6 +70,12 @@ class DatasetSpec:
     rows: dict[str, int]  # split -> rows in its Parquet file
     data_hash: str  # content hash of the Parquet files: the lineage of a trained model
     directory: str  # absolute path of the Parquet folder
+    features: tuple[str, ...] = ()  # a table's feature columns, in the model's input order
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Column names for 1-D inputs: the table's own, or x0, x1, ... for the synthetic sets."""
+        return self.features or tuple(f"x{i}" for i in range(self.input_shape[0]))
 
     @property
     def is_image(self) -> bool:
@@ -83,7 +91,8 @@ class DatasetSpec:
     @classmethod
     def from_json(cls, data: dict) -> DatasetSpec:
         return cls(**{**data, "input_shape": tuple(data["input_shape"]), "classes": tuple(data["classes"]),
-                      "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+                      "mean": tuple(data["mean"]), "std": tuple(data["std"]),
+                      "features": tuple(data.get("features", ()))})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,8 +105,8 @@ def materialize(cfg: DataConfig, seed: int) -> DatasetSpec:
     manifest = folder / "manifest.json"
     if manifest.is_file():  # the folder may have moved since it was written: trust where it is now
         return DatasetSpec.from_json({**json.loads(manifest.read_text()), "directory": str(folder)})
-    splits, classes = _read_source(cfg, seed)
-    return _write_parquet(cfg.name, folder, splits, classes)
+    splits, classes, features = _read_source(cfg, seed)
+    return _write_parquet(cfg.name, folder, splits, classes, features)
 
 
 def _dataset_key(cfg: DataConfig, seed: int) -> str:
@@ -109,19 +118,22 @@ def _dataset_key(cfg: DataConfig, seed: int) -> str:
     return cfg.name
 
 
-def _read_source(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], tuple[str, ...]]:
+def _read_source(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], tuple[str, ...], tuple[str, ...]]:
+    """The splits, the class names (empty for regression) and a table's feature column names."""
     if cfg.name == "linear":
-        return {"train": _make_linear(cfg.num_samples, seed)}, ()
+        return {"train": _make_linear(cfg.num_samples, seed)}, (), ()
     if cfg.name == "circles":
-        return {"train": _make_circles(cfg.num_samples, seed)}, ("outside", "inside")
+        return {"train": _make_circles(cfg.num_samples, seed)}, ("outside", "inside"), ()
     if cfg.name == "tabular":
         return _read_table(Path(cfg.path or ""), cfg.target or "")
     if cfg.name == "cifar10":
-        return _read_cifar10(Path(cfg.root).resolve(), cfg.download)
-    return _read_mnist_like(cfg.name, Path(cfg.root).resolve(), cfg.download)
+        return *_read_cifar10(Path(cfg.root).resolve(), cfg.download), ()
+    return *_read_mnist_like(cfg.name, Path(cfg.root).resolve(), cfg.download), ()
 
 
-def _write_parquet(name: str, folder: Path, splits: dict[str, Split], classes: tuple[str, ...]) -> DatasetSpec:
+def _write_parquet(
+    name: str, folder: Path, splits: dict[str, Split], classes: tuple[str, ...], features: tuple[str, ...]
+) -> DatasetSpec:
     folder.mkdir(parents=True, exist_ok=True)
     x_train = splits["train"][0]
     mean, std = _feature_stats(x_train)
@@ -139,6 +151,7 @@ def _write_parquet(name: str, folder: Path, splits: dict[str, Split], classes: t
         rows={split: len(y) for split, (_, y) in splits.items()},
         data_hash=hashlib.sha256("".join(hashes[s] for s in sorted(hashes)).encode()).hexdigest()[:16],
         directory=str(folder),
+        features=features,
     )
     # The manifest goes last: its presence means every Parquet file is complete.
     _atomic_write(folder / "manifest.json", lambda path: Path(path).write_text(json.dumps(spec.to_json(), indent=2)))
@@ -209,7 +222,7 @@ def _make_circles(n: int, seed: int) -> Split:
     return x, y
 
 
-def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, ...]]:
+def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, ...], tuple[str, ...]]:
     import pyarrow.csv as pcsv
 
     path = _existing(path, "data.path")
@@ -228,12 +241,12 @@ def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, .
         raise DataError(f"{path}: feature columns contain NaN or empty values; clean or impute them first")
     y_col = table[target]
     if pa.types.is_floating(y_col.type):
-        return {"train": (x, y_col.to_numpy(zero_copy_only=False).astype(np.float32))}, ()
+        return {"train": (x, y_col.to_numpy(zero_copy_only=False).astype(np.float32))}, (), tuple(features)
     # Integer labels keep their numeric order (class 2 before class 10); others sort as text.
     values = y_col.to_numpy(zero_copy_only=False)
     labels = values if pa.types.is_integer(y_col.type) else values.astype(str)
     classes, y = np.unique(labels, return_inverse=True)
-    return {"train": (x, y.astype(np.int64))}, tuple(str(c) for c in classes)
+    return {"train": (x, y.astype(np.int64))}, tuple(str(c) for c in classes), tuple(features)
 
 
 _MNIST_LIKE = {
@@ -435,17 +448,26 @@ def batch_indices(
         yield order[first : first + batch_size_per_worker]
 
 
-def normalizer(spec: DatasetSpec, enabled: bool, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """uint8 images -> float in [0, 1] -> standardized per channel; features standardized per column."""
-    shape = (1, -1, 1, 1) if spec.is_image else (1, -1)
-    mean = torch.tensor(spec.mean, device=device).view(shape)  # made once, not per batch
-    std = torch.tensor(spec.std, device=device).view(shape)
+class Normalize(nn.Module):
+    """uint8 images -> float in [0, 1] -> standardized per channel; features standardized per column.
 
-    def normalize(x: torch.Tensor) -> torch.Tensor:
+    A module, so that the statistics move with `.to(device)` and travel inside a served model.
+    """
+
+    def __init__(self, spec: DatasetSpec, enabled: bool) -> None:
+        super().__init__()
+        shape = (1, -1, 1, 1) if spec.is_image else (1, -1)
+        self.enabled = enabled
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-        return (x - mean) / std if enabled else x
+        return (x - self.mean) / self.std if self.enabled else x
 
-    return normalize
+
+def normalizer(spec: DatasetSpec, enabled: bool, device: torch.device) -> Normalize:
+    return Normalize(spec, enabled).to(device)  # the statistics are made once, not per batch
 
 
 def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator | None = None) -> torch.Tensor:

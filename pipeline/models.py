@@ -14,11 +14,17 @@ import importlib
 import math
 from collections.abc import Callable
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from pipeline.config import ModelConfig
 
-__all__ = ["MODELS", "build_model"]
+if TYPE_CHECKING:
+    from pipeline.config import ExperimentConfig
+    from pipeline.data import DatasetSpec
+
+__all__ = ["MODELS", "build_model", "model_for", "num_outputs"]
 
 Builder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
 
@@ -107,6 +113,16 @@ MODELS: dict[str, Builder] = {
     "resnet18": resnet18,
     "circle_classifier": circle_classifier,
 }
+
+
+def num_outputs(cfg: ExperimentConfig, spec: DatasetSpec) -> int:
+    """One logit per class for cross-entropy; a single output for BCE (one logit) and regression."""
+    return spec.num_classes if cfg.loss == "cross_entropy" else 1
+
+
+def model_for(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
+    """The experiment's network, shaped for its dataset."""
+    return build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec))
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:

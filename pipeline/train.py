@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from pipeline.checkpoints import LocalSession, RaySession, Session, latest_meta, load_state
-from pipeline.config import ConfigError, ExperimentConfig, OptimConfig
+from pipeline.config import ConfigError, ExperimentConfig, OptimConfig, flatten
 from pipeline.data import DatasetSpec, augment, batch_indices, load_splits, materialize, normalizer, shard_indices, val_rows
-from pipeline.models import build_model
+from pipeline.models import model_for, num_outputs
+from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, resolve_store
 
 __all__ = [
     "TrainingResult",
@@ -65,10 +66,6 @@ def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.op
     return optimizers[cfg.name](trainable, **common)
 
 
-def num_outputs(cfg: ExperimentConfig, spec: DatasetSpec) -> int:
-    return spec.num_classes if cfg.loss == "cross_entropy" else 1
-
-
 # ---------------------------------------------------------------------------------------------------
 # The per-worker loop: plain PyTorch
 
@@ -90,15 +87,26 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     queue = config.get("progress_queue")
     emit = queue.put_nowait if queue is not None and session.rank == 0 else None
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit)
+    log_epoch = _epoch_logger(config.get("tracking")) if session.rank == 0 else None  # only rank 0 logs
+    run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch)
 
 
-def run_worker(cfg: ExperimentConfig, spec: DatasetSpec, session: Session, emit: EmitFn | None = None) -> None:
-    """Train from the latest checkpoint (if any) to `train.epochs`, reporting every epoch on every rank."""
+def _epoch_logger(run: dict[str, Any] | None) -> EmitFn | None:
+    return EpochLogger(TrackedRun.from_json(run)) if run else None
+
+
+def run_worker(
+    cfg: ExperimentConfig, spec: DatasetSpec, session: Session, emit: EmitFn | None = None, log_epoch: EmitFn | None = None
+) -> None:
+    """Train from the latest checkpoint (if any) to `train.epochs`, reporting every epoch on every rank.
+
+    `log_epoch` (rank 0) records each epoch's metrics before its checkpoint is reported: a failure in
+    between repeats the epoch after the restart, and the logger skips what it has already logged.
+    """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     device = session.device
     splits = {name: _to_device(x, y, cfg.loss, device) for name, (x, y) in load_splits(spec, cfg.data, cfg.seed).items()}
-    model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec)).to(device)
+    model = model_for(cfg, spec).to(device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
     start_epoch = 1
     if (state := session.restore()) is not None:
@@ -118,6 +126,8 @@ def run_worker(cfg: ExperimentConfig, spec: DatasetSpec, session: Session, emit:
         if epoch == cfg.train.epochs and "test" in splits:
             metrics.update(evaluate(model, splits["test"], loss_fn, prep.eval, cfg, session, prefix="test"))
         state = _checkpoint_state(model, optimizer, epoch, metrics, cfg, spec) if session.rank == 0 else None
+        if log_epoch:
+            log_epoch(metrics)
         session.report(metrics, state)
         if emit:
             emit({"event": "epoch", "metrics": metrics})
@@ -240,22 +250,12 @@ def _check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
     meta = latest_meta(run_dir)
     if meta is None or meta.get("architecture") == architecture(cfg):
         return
-    before, now = _flatten(meta.get("architecture", {})), _flatten(architecture(cfg))
+    before, now = flatten(meta.get("architecture", {})), flatten(architecture(cfg))
     changed = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
     raise ConfigError(
         f"{run_dir} holds checkpoints of a different model ({changed}); "
         f"add --fresh to start over, or give the run another name (name=...)"
     )
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,9 +269,18 @@ class TrainingResult:
     metrics: dict[str, Any]
     checkpoint: str | None  # the best checkpoint by the configured metric
     history: list[dict[str, Any]] = field(default_factory=list)  # this invocation's epochs, in order
+    mlflow_run_id: str | None = None
+    registration: dict[str, Any] | None = None  # name, version, alias, metric, value, champion_value
 
     def summary(self) -> dict[str, Any]:
-        return {"run_name": self.run_name, "checkpoint": self.checkpoint, "metrics": self.metrics, "history": self.history}
+        return {
+            "run_name": self.run_name,
+            "checkpoint": self.checkpoint,
+            "metrics": self.metrics,
+            "history": self.history,
+            "mlflow_run_id": self.mlflow_run_id,
+            "registration": self.registration,
+        }
 
 
 def prepare(cfg: ExperimentConfig) -> DatasetSpec:
@@ -303,7 +312,7 @@ def _check_batch_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
 
 def _check_model_accepts(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
     try:
-        model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec)).eval()
+        model = model_for(cfg, spec).eval()
     except ValueError as err:  # the builders say which key is wrong
         raise ConfigError(str(err)) from None
     try:
@@ -322,10 +331,24 @@ def storage_uri(cfg: ExperimentConfig) -> str:
 
 
 def run_training(
-    cfg: ExperimentConfig, *, fresh: bool = False, on_event: EmitFn | None = None, verbose: bool = False
+    cfg: ExperimentConfig,
+    *,
+    fresh: bool = False,
+    on_event: EmitFn | None = None,
+    verbose: bool = False,
+    track: bool = True,
+    register: bool = True,
 ) -> TrainingResult:
-    """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`; `verbose` shows Ray's logs."""
+    """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`; `verbose` shows Ray's logs.
+
+    With `track`, the run is recorded in MLflow (the same MLflow run when resumed) and, with `register`,
+    its best checkpoint is registered as champion or challenger. Bad input (data, model, an unreachable
+    tracking server) is refused before Ray starts or any MLflow run exists.
+    """
     spec = prepare(cfg)
+    store = resolve_store(cfg.tracking.uri) if track else None
+    if store:
+        check_store(store)
     run_dir = Path(storage_uri(cfg)) / cfg.name
     if fresh:
         _delete_run(storage_uri(cfg), cfg.name)
@@ -339,10 +362,55 @@ def run_training(
         if on_event:
             on_event(event)
 
+    if cfg.scaling.num_workers > 0:
+        ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
+    run = _open_tracked_run(store, cfg, spec, fresh) if store else None
+    with _recording(run):
+        if cfg.scaling.num_workers == 0:
+            result = _run_in_process(cfg, spec, run_dir, collect, history, run)
+        else:
+            result = _run_on_ray(cfg, spec, collect, history, run)
+        if run is not None and result.checkpoint is not None:
+            from pipeline.reporting import report_run
+
+            result.mlflow_run_id = run.run_id
+            registration = report_run(run, cfg, result.checkpoint, register=register)
+            result.registration = registration.summary() if registration else None
+    return result
+
+
+def _open_tracked_run(store: Store, cfg: ExperimentConfig, spec: DatasetSpec, fresh: bool) -> TrackedRun:
+    workers = cfg.scaling.num_workers
+    tags = {"num_workers": str(workers), "device": "cuda" if _uses_gpu(cfg) else "cpu"}
+    return open_run(store, cfg, spec, run_dir=f"{storage_uri(cfg)}/{cfg.name}", fresh=fresh, tags=tags)
+
+
+@contextmanager
+def _recording(run: TrackedRun | None) -> Iterator[None]:
+    """End the MLflow run with the outcome: FINISHED, FAILED, or KILLED on Ctrl-C."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run:
+            end_run(run, "KILLED")
+        raise
+    except BaseException:
+        if run:
+            end_run(run, "FAILED")
+        raise
+    if run:
+        end_run(run, "FINISHED")
+
+
+def _uses_gpu(cfg: ExperimentConfig) -> bool:
+    """GPUs when asked for, or (unset) when there are some: on the Ray cluster, or here in-process."""
     if cfg.scaling.num_workers == 0:
-        return _run_in_process(cfg, spec, run_dir, collect, history)
-    ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
-    return _run_on_ray(cfg, spec, collect, history)
+        return cfg.scaling.use_gpu is not False and torch.cuda.is_available()
+    if cfg.scaling.use_gpu is not None:
+        return cfg.scaling.use_gpu
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
 
 
 def _delete_run(storage: str, name: str) -> None:
@@ -355,35 +423,48 @@ def _delete_run(storage: str, name: str) -> None:
         filesystem.delete_dir(path)
 
 
-def _run_in_process(cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list) -> TrainingResult:
-    use_gpu = cfg.scaling.use_gpu is not False and torch.cuda.is_available()
-    device = torch.device("cuda" if use_gpu else "cpu")
+def _run_in_process(
+    cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list, run: TrackedRun | None
+) -> TrainingResult:
+    device = torch.device("cuda" if _uses_gpu(cfg) else "cpu")
     session = LocalSession(run_dir, keep=cfg.train.checkpoints_to_keep, metric=cfg.metric, mode=cfg.metric_mode, device=device)
-    run_worker(cfg, spec, session, emit)
+    run_worker(cfg, spec, session, emit, EpochLogger(run) if run else None)
     best = session.best_checkpoint()
     return TrainingResult(cfg.name, str(run_dir), session.last_metrics or {}, str(best) if best else None, history)
 
 
-def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, emit: EmitFn, history: list) -> TrainingResult:
+def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, emit: EmitFn, history: list, run: TrackedRun | None) -> TrainingResult:
     with _event_pump(emit) as queue:
-        result = build_trainer(cfg, spec, progress_queue=queue).fit()
+        result = build_trainer(cfg, spec, progress_queue=queue, tracking=run).fit()
     best = result.get_best_checkpoint(metric=cfg.metric, mode=cfg.metric_mode) if result.best_checkpoints else None
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    return TrainingResult(cfg.name, result.path, metrics, best.path if best else None, history)
+    return TrainingResult(cfg.name, result.path, metrics, _checkpoint_location(cfg, best.path) if best else None, history)
 
 
-def build_trainer(cfg: ExperimentConfig, spec: DatasetSpec, *, progress_queue: Any = None, callbacks: list | None = None):
-    """The one TorchTrainer of the project: training and every Tune trial are built here."""
-    import ray
+def _checkpoint_location(cfg: ExperimentConfig, path: str) -> str:
+    """Ray gives object-store paths without their scheme; put it back so that the path can be opened."""
+    scheme, sep, _ = cfg.storage_path.partition("://")
+    return f"{scheme}://{path}" if sep and "://" not in path else path
+
+
+def build_trainer(
+    cfg: ExperimentConfig,
+    spec: DatasetSpec,
+    *,
+    progress_queue: Any = None,
+    callbacks: list | None = None,
+    tracking: TrackedRun | None = None,
+):
+    """The one TorchTrainer of the project: training and every Tune trial are built here.
+
+    `tracking`: the MLflow run that rank 0 logs each epoch to (None: not tracked)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # Ray Train's controller collects each report when it polls the workers, every 2 s by default, and a
     # worker's next report waits for that: epochs shorter than the interval would each last 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
-    use_gpu = cfg.scaling.use_gpu
-    if use_gpu is None:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = _uses_gpu(cfg)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -391,6 +472,7 @@ def build_trainer(cfg: ExperimentConfig, spec: DatasetSpec, *, progress_queue: A
             "dataset": spec.to_json(),
             "progress_queue": progress_queue,
             "driver_cwd": os.getcwd(),
+            "tracking": tracking.to_json() if tracking else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -460,7 +542,7 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     state = load_state(Path(path))
     cfg = ExperimentConfig.model_validate(state["experiment"])
     spec = DatasetSpec.from_json(state["dataset"])
-    model = build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec))
+    model = model_for(cfg, spec)
     model.load_state_dict(state["model"])
     return model.eval(), state
 

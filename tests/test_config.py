@@ -11,7 +11,6 @@ from pipeline.config import (
     DATASET_NAMES,
     LOSS_NAMES,
     MODEL_NAMES,
-    OPTIMIZER_NAMES,
     ConfigError,
     ExperimentConfig,
     config_hash,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data import LINEAR_TRUE_B, LINEAR_TRUE_W
@@ -106,9 +108,16 @@ def test_a_killed_run_resumes_at_the_next_epoch(workers: int, tmp_path: Path) ->
     again = _train_cli(*args)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
-    history = json.loads(out.strip().splitlines()[-1])["history"]
+    summary = json.loads(out.strip().splitlines()[-1])
     assert resume_from >= 1
-    assert [m["epoch"] for m in history] == list(range(resume_from + 1, epochs + 1))
+    assert [m["epoch"] for m in summary["history"]] == list(range(resume_from + 1, epochs + 1))
+    # The same MLflow run goes on, and holds each epoch once: those before the kill and those after.
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("linear_regression")
+    (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.run_dir = '{run_dir}'")
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    for key in ("epoch", "train_loss", "val_mse"):
+        assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, epochs + 1))
 
 
 @pytest.mark.slow

@@ -1,0 +1,88 @@
+"""The figures a person would rather look at than read, logged with each run (matplotlib, no display).
+
+    learning_curves(history, "val_accuracy")        # losses and the metric per epoch
+    confusion_matrix(targets, predicted, classes)   # classifiers
+    decision_boundary(probability_of_1, x, y)       # 2-D classifiers
+    prediction_vs_target(targets, predicted)        # regression
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: works without a screen, in workers and CI
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+__all__ = ["confusion_matrix", "decision_boundary", "learning_curves", "prediction_vs_target"]
+
+History = dict[str, list[tuple[int, float]]]  # metric -> (epoch, value) pairs
+
+
+def learning_curves(history: History, metric: str) -> Figure:
+    """Train and validation loss on the left, the ranking metric on the right, against the epoch."""
+    figure, (losses, score) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for key in ("train_loss", "val_loss"):
+        if key in history:
+            epochs, values = zip(*history[key])
+            losses.plot(epochs, values, marker="o", label=key)
+    losses.set(xlabel="epoch", ylabel="loss", title="loss")
+    losses.legend()
+    if metric in history:
+        epochs, values = zip(*history[metric])
+        score.plot(epochs, values, marker="o", color="tab:green")
+    score.set(xlabel="epoch", ylabel=metric, title=metric)
+    for axes in (losses, score):
+        axes.grid(alpha=0.3)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    return figure
+
+
+def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, classes: tuple[str, ...]) -> Figure:
+    """Counts per (true, predicted) class; the color is the share of each true class."""
+    n = len(classes)
+    counts = np.zeros((n, n), dtype=np.int64)
+    np.add.at(counts, (targets.astype(np.int64), predicted.astype(np.int64)), 1)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = max(4.0, 0.6 * n + 2)
+    figure, axes = plt.subplots(figsize=(size, size), constrained_layout=True)
+    axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for (row, col), count in np.ndenumerate(counts):
+        axes.text(col, row, str(count), ha="center", va="center", color="white" if shares[row, col] > 0.5 else "black", fontsize=8)
+    axes.set_xticks(range(n), classes, rotation=45, ha="right")
+    axes.set_yticks(range(n), classes)
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    axes.set(xlabel="predicted", ylabel="true", title=f"confusion matrix (accuracy {accuracy:.3f}, n={counts.sum()})")
+    return figure
+
+
+def decision_boundary(probability_of_1: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray) -> Figure:
+    """The model's probability of class 1 over the plane, with the samples on top."""
+    low, high = x.min(axis=0) - 0.25, x.max(axis=0) + 0.25
+    grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 200), np.linspace(low[1], high[1], 200))
+    points = np.column_stack([grid_x.ravel(), grid_y.ravel()]).astype(np.float32)
+    surface = probability_of_1(points).reshape(grid_x.shape)
+    figure, axes = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    filled = axes.contourf(grid_x, grid_y, surface, levels=np.linspace(0, 1, 21), cmap="RdBu_r", alpha=0.7)
+    axes.contour(grid_x, grid_y, surface, levels=[0.5], colors="black", linewidths=1.5)
+    axes.scatter(x[:, 0], x[:, 1], c=y, cmap="RdBu_r", s=8, edgecolors="k", linewidths=0.2)
+    figure.colorbar(filled, ax=axes, label="P(class 1)")
+    axes.set(xlabel="x0", ylabel="x1", title="decision boundary (P = 0.5)", aspect="equal")
+    return figure
+
+
+def prediction_vs_target(targets: np.ndarray, predicted: np.ndarray) -> Figure:
+    """Each sample's prediction against its target; perfect predictions lie on the diagonal."""
+    figure, axes = plt.subplots(figsize=(5, 5), constrained_layout=True)
+    axes.scatter(targets, predicted, s=8, alpha=0.6)
+    low, high = float(min(targets.min(), predicted.min())), float(max(targets.max(), predicted.max()))
+    axes.plot([low, high], [low, high], color="black", linewidth=1, label="y = x")
+    mse = float(np.mean((predicted - targets) ** 2))
+    axes.set(xlabel="target", ylabel="prediction", title=f"prediction vs target (MSE {mse:.4g}, n={len(targets)})")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    return figure

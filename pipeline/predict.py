@@ -1,0 +1,87 @@
+"""Downstream use: a registered model on files, arrays or tables, with no training code.
+
+    pipeline predict mnist_mlp@champion digit.png another.png
+    pipeline predict circles_classifier@champion points.csv --out predictions.parquet
+
+Inputs: PNG/JPEG images (one sample each), a .npy array (one sample or a batch), a CSV or Parquet
+table (feature columns by name). The answer is one row per sample: the input it came from, then
+class index, label and probability (classifiers) or the predicted value (regression).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.serving import InputError, Predictor
+
+__all__ = ["check_out", "predict_files", "read_inputs", "write_table"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+def predict_files(predictor: Predictor, paths: list[str]) -> pd.DataFrame:
+    """One row per sample of every input file, in order."""
+    frames = []
+    for path in map(Path, paths):
+        names, batch = read_inputs(path, predictor)
+        table = predictor.predict_table(batch)
+        table.insert(0, "input", names)
+        frames.append(table)
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_inputs(path: Path, predictor: Predictor) -> tuple[list[str], np.ndarray | pd.DataFrame]:
+    """A file's samples, checked against what the model takes, and a name for each."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return [str(path)], _read_image(path, predictor)
+    if suffix == ".npy":
+        batch = _checked(path, predictor, np.load(path, allow_pickle=False))  # no pickle: an array file runs no code
+        return [f"{path}[{i}]" for i in range(len(batch))], batch
+    if suffix in TABLE_SUFFIXES:
+        table = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        _checked(path, predictor, table)
+        return [f"{path}:{row}" for row in range(len(table))], table
+    raise InputError(f"{path}: unsupported input; give {', '.join(IMAGE_SUFFIXES + ('.npy',) + TABLE_SUFFIXES)} files")
+
+
+def _read_image(path: Path, predictor: Predictor) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            pixels = np.asarray(image)
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"{path}: not a readable image ({err})") from None
+    # PIL gives (H, W) for grayscale and (H, W, C) for colour; the models take (C, H, W).
+    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    return _checked(path, predictor, chw)
+
+
+def _checked(path: Path, predictor: Predictor, inputs: np.ndarray | pd.DataFrame) -> np.ndarray:
+    try:
+        return predictor.as_batch(inputs)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+
+
+def check_out(out: str | None) -> None:
+    """Refuse an output name we cannot write before any work is done."""
+    if out is not None and not out.lower().endswith(TABLE_SUFFIXES):
+        raise InputError(f"--out {out}: give a .csv or .parquet file name, or leave it out for stdout")
+
+
+def write_table(table: pd.DataFrame, out: str | None) -> None:
+    """To --out as CSV or Parquet (by its suffix), or as aligned text on stdout."""
+    if out is None:
+        print(table.to_string(index=False))
+    elif out.lower().endswith(".parquet"):
+        table.to_parquet(out, index=False)
+    else:
+        table.to_csv(out, index=False)

@@ -1,0 +1,151 @@
+"""A trained model ready to use: preprocessing and network in one nn.Module, its outputs as a table.
+
+    export_model(checkpoint_dir, folder)      # what the registry stores: weights, configs, preprocessing
+    predictor = load_predictor(folder)        # an nn.Module in eval mode; raw inputs in, outputs out
+    table = predictor.predict_table(images)   # uint8 images shaped like the dataset, or a feature table
+
+Nothing here imports MLflow or Ray: the registry (registry.py), the MLflow pyfunc wrapper
+(mlflow_model.py) and `pipeline predict` all build on these functions. Weights are loaded with
+`weights_only=True`: an exported model holds tensors and JSON, never code to run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pipeline.checkpoints import load_state
+from pipeline.config import ExperimentConfig
+from pipeline.data import DatasetSpec, Normalize
+from pipeline.models import model_for
+
+__all__ = ["InputError", "Predictor", "build_predictor", "export_model", "load_predictor"]
+
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "model_config.json"
+PREPROCESSING_FILE = "preprocessing.json"
+EVAL_BATCH = 1024
+
+
+class InputError(ValueError):
+    """Inputs a model cannot take; the message names the expected shape or columns."""
+
+
+def export_model(checkpoint_dir: Path, folder: Path) -> dict[str, Any]:
+    """Write the model part of a training checkpoint (no optimizer state) and describe its inputs."""
+    state = load_state(checkpoint_dir)
+    cfg = ExperimentConfig.model_validate(state["experiment"])
+    spec = DatasetSpec.from_json(state["dataset"])
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state["model"], folder / WEIGHTS_FILE)
+    model_config = {"experiment": state["experiment"], "dataset": state["dataset"], "epoch": state["epoch"]}
+    (folder / CONFIG_FILE).write_text(json.dumps(model_config, indent=2))
+    preprocessing = {
+        "input_shape": list(spec.input_shape),
+        "input_dtype": "uint8" if spec.is_image else "float32",
+        "scale": "x / 255" if spec.is_image else "none",
+        "normalize": cfg.data.normalize,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "features": list(spec.feature_names) if not spec.is_image else [],
+        "classes": list(spec.classes),
+        "output": _output_kind(cfg.loss),
+    }
+    (folder / PREPROCESSING_FILE).write_text(json.dumps(preprocessing, indent=2))
+    return preprocessing
+
+
+def _output_kind(loss: str) -> str:
+    return {"cross_entropy": "logits", "bce_with_logits": "logit"}.get(loss, "value")
+
+
+class Predictor(nn.Module):
+    """Raw inputs (uint8 images or features) -> the network's outputs, preprocessing included."""
+
+    def __init__(self, net: nn.Module, cfg: ExperimentConfig, spec: DatasetSpec) -> None:
+        super().__init__()
+        self.preprocess = Normalize(spec, cfg.data.normalize)
+        self.net = net
+        self.input_shape = tuple(spec.input_shape)
+        self.classes = tuple(spec.classes)
+        self.feature_names = spec.feature_names if not spec.is_image else ()
+        self.output = _output_kind(cfg.loss)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(x))
+
+    def as_batch(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
+        """Inputs as an array of shape (N, *input_shape), or an InputError naming what is expected."""
+        if isinstance(x, pd.DataFrame):
+            return self._table_to_array(x)
+        x = np.asarray(x)
+        if x.shape == self.input_shape:
+            x = x[None]  # one sample
+        if x.shape[1:] != self.input_shape:
+            raise InputError(f"inputs of shape {x.shape}: this model takes {self.describe_input()}")
+        return x
+
+    def describe_input(self) -> str:
+        if self.feature_names:
+            return f"(N, {self.input_shape[0]}) features: columns {', '.join(self.feature_names)}"
+        channels, height, width = self.input_shape
+        kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
+        return f"uint8 images of shape (N, {channels}, {height}, {width}): {kind} {width}x{height}"
+
+    def _table_to_array(self, table: pd.DataFrame) -> np.ndarray:
+        if not self.feature_names:
+            raise InputError(f"a table of columns {list(table.columns)}: this model takes {self.describe_input()}")
+        missing = [c for c in self.feature_names if c not in table.columns]
+        if missing:
+            raise InputError(f"the table lacks columns {missing}; this model takes {self.describe_input()}")
+        return table[list(self.feature_names)].to_numpy(dtype=np.float32)
+
+    @torch.no_grad()
+    def predict_table(self, x: np.ndarray | pd.DataFrame) -> pd.DataFrame:
+        """Class index, label and probability per input (classifiers), or the predicted value."""
+        batch = torch.from_numpy(np.ascontiguousarray(self.as_batch(x)))
+        device = next(self.parameters()).device
+        outputs = torch.cat([self(part.to(device)).float().cpu() for part in batch.split(EVAL_BATCH)])
+        return outputs_table(outputs, self.output, self.classes)
+
+
+def outputs_table(outputs: torch.Tensor, kind: str, classes: tuple[str, ...]) -> pd.DataFrame:
+    if kind == "value":
+        return pd.DataFrame({"value": outputs.view(len(outputs), -1)[:, 0].numpy()})
+    if kind == "logit":  # one logit: the probability of class 1
+        p1 = torch.sigmoid(outputs.view(-1))
+        index = (p1 > 0.5).long()
+        probability = torch.where(index == 1, p1, 1 - p1)
+    else:
+        probability, index = torch.softmax(outputs, dim=1).max(dim=1)
+    return pd.DataFrame(
+        {
+            "class_index": index.numpy(),
+            "label": [classes[i] if i < len(classes) else str(i) for i in index.tolist()],
+            "probability": probability.numpy(),
+        }
+    )
+
+
+def load_predictor(folder: Path, device: str | torch.device = "cpu") -> Predictor:
+    """Rebuild an exported model: network from its config, weights (tensors only), preprocessing."""
+    folder = Path(folder)
+    model_config = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = ExperimentConfig.model_validate(model_config["experiment"])
+    spec = DatasetSpec.from_json(model_config["dataset"])
+    weights = torch.load(folder / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    return build_predictor(cfg, spec, weights).to(device)
+
+
+def build_predictor(cfg: ExperimentConfig, spec: DatasetSpec, weights: dict[str, torch.Tensor]) -> Predictor:
+    """The trained network with its preprocessing, in eval mode."""
+    # The weights are given: never fetch ImageNet weights (model.pretrained) only to overwrite them.
+    net = model_for(cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})}), spec)
+    net.load_state_dict(weights)
+    return Predictor(net, cfg, spec).eval()

@@ -1,0 +1,324 @@
+"""MLflow tracking, the one front door: where runs go, one run per training, rank 0's metrics, artifacts.
+
+    store = resolve_store(cfg.tracking.uri)           # MLFLOW_TRACKING_URI > tracking.uri > embedded default
+    check_store(store)                                # unreachable: ConfigError naming the URI, before training
+    run = open_run(store, cfg, spec, run_dir=..., fresh=False, tags=...)   # new, or the same run resumed
+    EpochLogger(run)(metrics)                         # on rank 0, once per epoch, step = epoch
+    end_run(run, "FINISHED")
+
+The embedded default is a SQLite store and an artifact folder at absolute paths in the working directory
+(`mlflow.db`, `mlartifacts/`), so every Ray worker writes to the same place whatever its own directory.
+A run is found again by its `run_dir` tag (the Ray run's storage folder): a re-run or a resumed run
+continues the same MLflow run, and an epoch already logged is not logged again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pipeline.config import ConfigError, ExperimentConfig, config_hash, flatten
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow import MlflowClient
+
+    from pipeline.data import DatasetSpec
+
+__all__ = [
+    "EpochLogger",
+    "Store",
+    "TrackedRun",
+    "check_store",
+    "end_run",
+    "git_commit",
+    "log_figure",
+    "log_text",
+    "metric_history",
+    "open_run",
+    "redact",
+    "resolve_store",
+    "safe_config",
+    "safe_params",
+    "ui_command",
+]
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+HEALTH_TIMEOUT_S = 5.0
+PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+# Config keys whose values never reach MLflow or the console (tokens in a user model's kwargs, say).
+_SECRET_KEY = re.compile(r"(?i)(password|passwd|token|secret|credential|api_?key|access_?key)")
+REDACTED = "***"
+
+
+@dataclass(frozen=True)
+class Store:
+    """Where runs are recorded, and which setting chose it (named in errors)."""
+
+    uri: str
+    source: str  # "MLFLOW_TRACKING_URI", "tracking.uri" or "default"
+    artifact_location: str | None = None  # for SQLite stores; a server chooses its own
+
+    @property
+    def is_server(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+
+def resolve_store(configured: str | None) -> Store:
+    """MLFLOW_TRACKING_URI wins (clusters set it for every process), then tracking.uri, then the default."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, source = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    elif configured:
+        uri, source = configured, "tracking.uri"
+    else:
+        uri, source = f"sqlite:///{Path(DEFAULT_DB).resolve()}", "default"
+    return Store(uri, source, _artifact_folder(uri))
+
+
+def _artifact_folder(uri: str) -> str | None:
+    """For a SQLite store: `mlartifacts/` beside the database file, as an absolute URI.
+
+    MLflow's own default would be ./mlruns relative to each process's working directory, which
+    differs between the driver and every Ray worker. A server chooses its own artifact store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).resolve().parent / DEFAULT_ARTIFACTS).as_uri()
+
+
+def ui_command(store: Store, host: str, port: int) -> list[str]:
+    """The `mlflow server` command that serves a local store (SQLite and its artifact folder)."""
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri, "--host", host, "--port", str(port), "--workers", "1"]
+    if store.artifact_location:
+        command += ["--default-artifact-root", store.artifact_location]
+    return command
+
+
+def redact(uri: str) -> str:
+    """A URI fit to print: a password or token in its user-info part is replaced."""
+    parts = urlsplit(uri)
+    if parts.password is None and "@" not in parts.netloc:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=f"{REDACTED}@{host}"))
+
+
+def check_store(store: Store) -> None:
+    """Fail before any training if runs cannot be recorded: a server that does not answer, a missing folder."""
+    where = f"{store.source}={redact(store.uri)}" if store.source != "default" else redact(store.uri)
+    if store.is_server:
+        try:
+            urllib.request.urlopen(f"{store.uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            return  # it answered: a server is there (it may want credentials on other paths)
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise ConfigError(
+                f"tracking: cannot reach the MLflow server at {where} ({reason}); start it "
+                f"(`mlflow server --host 127.0.0.1 --port 5000`) or point MLFLOW_TRACKING_URI / tracking.uri elsewhere"
+            ) from None
+    elif store.uri.startswith("sqlite:///"):
+        folder = Path(store.uri.removeprefix("sqlite:///")).parent
+        if not folder.is_dir():
+            raise ConfigError(f"tracking: the folder of the SQLite store {where} does not exist; create {folder} or fix the URI")
+
+
+def git_commit() -> str:
+    """The commit of the code that trains (with -dirty for uncommitted changes), or 'unknown'."""
+    try:
+        found = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=40"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return found.stdout.strip() or "unknown"
+
+
+def safe_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as plain data, with secret-looking keys and URI credentials replaced."""
+    return _redact_tree(cfg.model_dump(mode="json"))
+
+
+def _redact_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    safe: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            safe[key] = _redact_tree(value)
+        elif _SECRET_KEY.search(key):
+            safe[key] = REDACTED
+        else:
+            safe[key] = redact(value) if isinstance(value, str) and "://" in value else value
+    return safe
+
+
+def safe_params(cfg: ExperimentConfig) -> dict[str, str]:
+    """The resolved config as flat MLflow params (dotted keys, text values), secrets replaced."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in flatten(safe_config(cfg)).items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """An MLflow run that training writes to; plain data, so it travels to Ray workers in their config."""
+
+    uri: str
+    run_id: str
+    experiment_id: str
+    resumed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrackedRun:
+        return cls(**data)
+
+
+def client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(store: Store, name: str) -> str:
+    """The experiment's id, created on first use (on the driver only: SQLite dislikes concurrent creators)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = client(store.uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return mlflow_client.create_experiment(name, artifact_location=store.artifact_location)
+        except MlflowException:  # another process created it first
+            experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        raise ConfigError(
+            f"tracking.experiment: the MLflow experiment {name!r} was deleted; restore it in the UI "
+            f"(or `mlflow experiments restore`), or choose another name with tracking.experiment=..."
+        )
+    return experiment.experiment_id
+
+
+def open_run(
+    store: Store,
+    cfg: ExperimentConfig,
+    spec: DatasetSpec,
+    *,
+    run_dir: str,
+    fresh: bool,
+    tags: dict[str, str],
+    parent_run_id: str | None = None,
+) -> TrackedRun:
+    """The run that records this training: the same run as before for the same Ray run, unless `fresh`."""
+    exp_id = experiment_id(store, cfg.tracking.experiment or cfg.name)
+    mlflow_client = client(store.uri)
+    commit = git_commit()
+    all_tags = {
+        "run_dir": run_dir,
+        "ray_run": cfg.name,
+        "config_hash": config_hash(cfg),
+        "data_hash": spec.data_hash,
+        "git_commit": commit,
+        "mlflow.source.git.commit": commit,
+        **tags,
+        **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {}),
+    }
+    previous = None if fresh else _find_run(mlflow_client, exp_id, run_dir)
+    if previous is None:
+        run = mlflow_client.create_run(exp_id, run_name=cfg.name, tags=all_tags)
+        _log_params(mlflow_client, run.info.run_id, safe_params(cfg))
+        return TrackedRun(store.uri, run.info.run_id, exp_id)
+    _continue_run(mlflow_client, previous, safe_params(cfg), all_tags)
+    return TrackedRun(store.uri, previous.info.run_id, exp_id, resumed=True)
+
+
+def _find_run(mlflow_client: MlflowClient, exp_id: str, run_dir: str) -> Any:
+    quoted = run_dir.replace("'", "\\'")
+    found = mlflow_client.search_runs(
+        [exp_id], filter_string=f"tags.run_dir = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return found[0] if found else None
+
+
+def _continue_run(mlflow_client: MlflowClient, run: Any, params: dict[str, str], tags: dict[str, str]) -> None:
+    """Resume: params that are new are logged; a changed one (more epochs, say) is noted in a tag,
+    since MLflow keeps a param's first value for good."""
+    before = run.data.params
+    _log_params(mlflow_client, run.info.run_id, {k: v for k, v in params.items() if k not in before})
+    changed = [f"{k}: {before[k]} -> {v}" for k, v in params.items() if k in before and before[k] != v]
+    if changed:
+        history = run.data.tags.get("changed_on_resume")
+        tags = {**tags, "changed_on_resume": "; ".join(filter(None, [history, *changed]))}
+    for key, value in tags.items():
+        mlflow_client.set_tag(run.info.run_id, key, value)
+    mlflow_client.update_run(run.info.run_id, status="RUNNING")
+
+
+def _log_params(mlflow_client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(items), PARAMS_PER_BATCH):
+        mlflow_client.log_batch(run_id, params=items[start : start + PARAMS_PER_BATCH])
+
+
+def end_run(run: TrackedRun, status: str) -> None:
+    """FINISHED, FAILED or KILLED: the UI shows which runs completed."""
+    client(run.uri).set_terminated(run.run_id, status=status)
+
+
+class EpochLogger:
+    """Rank 0's per-epoch metrics, step = epoch, each epoch once: after a worker restart the epochs
+    logged before the failure are skipped (the run resumes from a checkpoint at or before them)."""
+
+    def __init__(self, run: TrackedRun) -> None:
+        self.client = client(run.uri)
+        self.run_id = run.run_id
+        self.logged = {int(m.step) for m in self.client.get_metric_history(run.run_id, "epoch")}
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        epoch = int(metrics["epoch"])
+        if epoch in self.logged:
+            return
+        now = int(time.time() * 1000)
+        values = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=values)  # one call: an epoch is logged whole or not at all
+        self.logged.add(epoch)
+
+
+def metric_history(run: TrackedRun, keys: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """Each metric's (step, value) pairs from the run itself: every epoch, across resumes."""
+    mlflow_client = client(run.uri)
+    history = {}
+    for key in keys:
+        points = sorted((int(m.step), m.value) for m in mlflow_client.get_metric_history(run.run_id, key))
+        if points:
+            history[key] = points
+    return history
+
+
+def log_figure(run: TrackedRun, figure: Figure, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    client(run.uri).log_figure(run.run_id, figure, artifact_file)
+    plt.close(figure)
+
+
+def log_text(run: TrackedRun, text: str, artifact_file: str) -> None:
+    client(run.uri).log_text(run.run_id, text, artifact_file)

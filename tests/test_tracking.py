@@ -1,0 +1,254 @@
+"""MLflow end to end: runs, metrics, tags and artifacts; the registry's champion rule; downstream loading.
+
+Against a real `mlflow server` on 127.0.0.1 (SQLite backend, served artifacts) and, for the embedded
+default, a SQLite store in the working directory. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.data import load_splits
+from pipeline.train import load_checkpoint, run_training
+from tests.conftest import CONF_DIR, REPO, free_port, tiny
+
+PNG_CLASSES = 3  # test images per predict call
+
+
+def _server_env(monkeypatch: pytest.MonkeyPatch, url: str) -> MlflowClient:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    return MlflowClient(url, url)
+
+
+def _runs(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id]) if found else []
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(int(m.step) for m in client.get_metric_history(run_id, key))
+
+
+def _cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
+    mlflow_server: str, ray_local, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = _server_env(monkeypatch, mlflow_server)
+    overrides = tiny(data_root, tmp_path, "name=tracked_mlp", "scaling.num_workers=1", "model.hidden=[32]")
+    first = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=2"]))
+    again = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=3"]))  # continues
+
+    (run,) = _runs(client, "tracked_mlp")
+    assert first.mlflow_run_id == again.mlflow_run_id == run.info.run_id
+    assert run.info.status == "FINISHED"
+    for key in ("epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec"):
+        assert _steps(client, run.info.run_id, key) == [1, 2, 3], key
+    assert _steps(client, run.info.run_id, "test_accuracy") == [2, 3]  # the last epoch of each invocation
+    params = run.data.params
+    assert params["optim.lr"] == "0.001" and params["model.hidden"] == "[32]" and params["data.name"] == "mnist"
+    assert params["train.epochs"] == "2" and "train.epochs: 2 -> 3" in run.data.tags["changed_on_resume"]
+    tags = run.data.tags
+    assert tags["num_workers"] == "1" and tags["device"] == "cpu" and tags["ray_run"] == "tracked_mlp"
+    assert len(tags["config_hash"]) == 12 and tags["run_dir"] == f"{tmp_path}/tracked_mlp"
+    assert tags["data_hash"] == json.loads((data_root / "parquet" / "mnist" / "manifest.json").read_text())["data_hash"]
+    assert tags["git_commit"] != ""
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "plots")
+    }
+    assert {"config.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png"} <= artifacts
+
+    versions = client.search_model_versions("name = 'tracked_mlp'")
+    assert len(versions) == 2  # one per completed invocation, each through the champion rule
+    assert {v.run_id for v in versions} == {run.info.run_id}
+
+
+def _linear(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [f"name={name}", f"storage_path={tmp_path}", f"data.root={tmp_path}", "scaling.num_workers=0",
+            "data.num_samples=400", "tracking.register_as=linear_champion", *extra]  # fmt: skip
+
+
+def test_a_worse_model_stays_challenger_and_a_better_one_takes_champion(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = _server_env(monkeypatch, mlflow_server)
+    conf = CONF_DIR / "linear_regression.yaml"
+    good = run_training(load_config(conf, _linear(tmp_path, "lin_good", "train.epochs=3", "optim.lr=0.05")))
+    worse = run_training(load_config(conf, _linear(tmp_path, "lin_worse", "train.epochs=1", "optim.lr=0.001")))
+    better = run_training(load_config(conf, _linear(tmp_path, "lin_better", "train.epochs=20", "optim.lr=0.05")))
+
+    assert good.registration["alias"] == "champion" and good.registration["champion_value"] is None
+    assert worse.registration["alias"] == "challenger"
+    assert worse.registration["value"] > good.registration["value"]  # val_mse: lower is better
+    assert better.registration["alias"] == "champion"
+    assert better.registration["value"] < better.registration["champion_value"] == good.registration["value"]
+    model = client.get_registered_model("linear_champion")
+    assert model.aliases == {"champion": better.registration["version"], "challenger": worse.registration["version"]}
+    tags = client.get_model_version("linear_champion", worse.registration["version"]).tags
+    assert tags["decision"] == "challenger" and tags["metric"] == "val_mse"
+    assert float(tags["metric_value"]) == worse.registration["value"]
+    assert float(tags["champion_metric_value"]) == good.registration["value"]
+
+
+def test_no_register_and_dry_run_track_but_register_nothing(
+    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = _server_env(monkeypatch, mlflow_server)
+    args = _linear(tmp_path, "lin_unregistered", "train.epochs=1", "tracking.register_as=never_registered")
+    for flag in ("--no-register", "--dry-run"):
+        done = _cli("train", "conf/linear_regression.yaml", *args, flag)
+        assert done.returncode == 0, done.stderr
+    assert {r.info.run_name for r in _runs(client, "lin_unregistered")} == {"lin_unregistered"}
+    assert {r.info.run_name for r in _runs(client, "lin_unregistered-dry-run")} == {"lin_unregistered-dry-run"}
+    assert client.search_registered_models("name = 'never_registered'") == []
+
+
+@pytest.fixture(scope="module")
+def registered_mnist(mlflow_server: str, data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A small MNIST MLP trained in-process and registered on the server, with raw test images."""
+    storage = tmp_path_factory.mktemp("registered")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+        overrides = tiny(data_root, storage, "name=served_mlp", "scaling.num_workers=0", "model.hidden=[32]", "train.epochs=2")
+        cfg = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
+        result = run_training(cfg)
+    model, state = load_checkpoint(result.checkpoint)
+    from pipeline.data import DatasetSpec, normalizer
+
+    spec = DatasetSpec.from_json(state["dataset"])
+    images = load_splits(spec, cfg.data, cfg.seed)["test"][0][:20]  # raw uint8, (N, 1, 28, 28)
+    import torch
+
+    with torch.no_grad():
+        expected = model(normalizer(spec, True, torch.device("cpu"))(torch.from_numpy(images))).argmax(1).numpy()
+    return {"ref": "served_mlp@champion", "images": images, "expected": expected, "classes": spec.classes, "dir": storage}
+
+
+def test_load_model_in_a_fresh_process_predicts_what_the_trained_model_did(
+    registered_mnist: dict, mlflow_server: str, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "images.npy", registered_mnist["images"])
+    script = f"""
+import json, sys, numpy as np, mlflow
+from pipeline import load_model
+images = np.load({str(tmp_path / "images.npy")!r})
+model = load_model({registered_mnist["ref"]!r})
+assert not model.training
+ours = model.predict_table(images)["class_index"].tolist()
+pyfunc = mlflow.pyfunc.load_model("models:/{registered_mnist["ref"]}").predict(images)["class_index"].tolist()
+print(json.dumps({{"ours": ours, "pyfunc": pyfunc}}))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["ours"] == answer["pyfunc"] == registered_mnist["expected"].tolist()
+
+
+def _write_pngs(images: np.ndarray, folder: Path, mode: str = "L") -> list[str]:
+    from PIL import Image
+
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"digit{i}.png"
+        Image.fromarray(image[0]).convert(mode).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def test_pipeline_predict_on_png_files_writes_class_label_and_probability(
+    registered_mnist: dict, mlflow_server: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    pngs = _write_pngs(registered_mnist["images"][:PNG_CLASSES], tmp_path)
+    done = _cli("predict", registered_mnist["ref"], *pngs, "--out", str(tmp_path / "out.csv"), env=env)
+    assert done.returncode == 0, done.stderr
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "out.csv")
+    assert table["input"].tolist() == pngs
+    assert table["class_index"].tolist() == registered_mnist["expected"][:PNG_CLASSES].tolist()
+    assert table["label"].astype(str).tolist() == [registered_mnist["classes"][i] for i in table["class_index"]]
+    assert ((table["probability"] > 0) & (table["probability"] <= 1)).all()
+    printed = _cli("predict", registered_mnist["ref"], pngs[0], env=env)
+    assert printed.returncode == 0 and "class_index" in printed.stdout and "probability" in printed.stdout
+
+
+def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
+    registered_mnist: dict, mlflow_server: str, tmp_path: Path
+) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    png = _write_pngs(registered_mnist["images"][:1], tmp_path)[0]
+    unknown = _cli("predict", "no_such_model@champion", png, env=env)
+    assert unknown.returncode == 2 and "no registered model 'no_such_model'" in unknown.stderr
+    assert "served_mlp" in unknown.stderr and "Traceback" not in unknown.stderr
+    alias = _cli("predict", "served_mlp@best", png, env=env)
+    assert alias.returncode == 2 and "no alias or version 'best'" in alias.stderr and "champion (version" in alias.stderr
+    (tmp_path / "rgb").mkdir()
+    rgb = _write_pngs(registered_mnist["images"][:1], tmp_path / "rgb", "RGB")
+    wrong = _cli("predict", registered_mnist["ref"], *rgb, env=env)
+    assert wrong.returncode == 2 and "(N, 1, 28, 28): grayscale 28x28" in wrong.stderr and "(3, 28, 28)" in wrong.stderr
+    np.save(tmp_path / "flat.npy", np.zeros((2, 784), dtype=np.uint8))
+    flat = _cli("predict", registered_mnist["ref"], str(tmp_path / "flat.npy"), env=env)
+    assert flat.returncode == 2 and "(2, 784)" in flat.stderr
+
+
+def test_an_unreachable_server_fails_before_training_naming_the_uri(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    done = _cli("train", "conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}", env=env)
+    assert done.returncode == 2
+    assert f"cannot reach the MLflow server at MLFLOW_TRACKING_URI={url}" in done.stderr
+    assert not (tmp_path / "linear_regression").exists(), "nothing was trained"
+
+
+def test_bad_data_leaves_no_mlflow_run(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _server_env(monkeypatch, mlflow_server)
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n3,4\n")
+    done = _cli("train", "conf/linear_regression.yaml", "name=bad_table", "data.name=tabular",
+                f"data.path={tmp_path / 'table.csv'}", "data.target=label", f"storage_path={tmp_path}")  # fmt: skip
+    assert done.returncode == 2 and "data.target" in done.stderr
+    assert _runs(client, "bad_table") == []
+
+
+@pytest.mark.slow
+def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONF_DIR / "circles_classifier.yaml", ["train.epochs=2", "data.num_samples=300", "scaling.num_workers=1"])
+    result = run_training(cfg)  # rank 0 runs in a Ray worker, whose working directory is not this one
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = _runs(client, "circles_classifier")
+    assert _steps(client, run.info.run_id, "val_accuracy") == [1, 2]
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/decision_boundary.png"}
+    assert result.registration["alias"] == "champion"
+
+    import mlflow
+    import pandas as pd
+
+    points = pd.DataFrame({"x0": [0.0, 1.4, -0.2], "x1": [0.1, 1.4, 0.3]})  # a user's table: float64 columns
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    from_pyfunc = mlflow.pyfunc.load_model("models:/circles_classifier@champion").predict(points)
+    points.to_csv(tmp_path / "points.csv", index=False)
+    done = _cli("predict", "circles_classifier@champion", "points.csv", "--out", "preds.parquet", cwd=tmp_path,
+                env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    from_cli = pd.read_parquet(tmp_path / "preds.parquet")
+    assert from_cli["input"].tolist() == ["points.csv:0", "points.csv:1", "points.csv:2"]
+    assert from_cli["class_index"].tolist() == from_pyfunc["class_index"].tolist()
+    assert set(from_cli["label"]) <= {"inside", "outside"}

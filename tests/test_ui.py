@@ -1,0 +1,72 @@
+"""The MLflow UI, as a person sees it: `pipeline ui` serves the embedded store; headless Chromium opens it.
+
+Chromium is Debian's (/usr/bin/chromium, installed by .ci/run), driven by playwright; the screenshots are
+kept in test-artifacts/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.train import run_training
+from tests.conftest import CONF_DIR, REPO, free_port, wait_for_http
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+SCREENSHOTS = REPO / "test-artifacts"
+# Without these, Chromium keeps trying to reach Google's services, which this closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def served_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """One trained and registered run in the embedded default store, served by `pipeline ui`."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(CONF_DIR / "linear_regression.yaml", ["name=ui_linear", "scaling.num_workers=0", "train.epochs=2"])
+    result = run_training(cfg)
+    experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.mlflow_run_id).info.experiment_id
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", ui)
+        yield f"http://127.0.0.1:{port}", ui, experiment_id, result.mlflow_run_id
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    url, ui, experiment_id, run_id = served_store
+    SCREENSHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{url}/#/experiments/{experiment_id}/runs")
+        run_link = page.locator(f'a[href*="{run_id}"]', has_text="ui_linear")  # the run's row in the table
+        expect(run_link.first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("1 matching run")).to_be_visible()
+        page.screenshot(path=SCREENSHOTS / "mlflow_ui_runs.png")
+
+        page.goto(f"{url}/#/models/ui_linear")
+        expect(page.get_by_text("Version 1", exact=True)).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("@ champion")).to_be_visible()
+        expect(page.get_by_text("val_mse")).to_be_visible()  # the version's metric tag
+        page.screenshot(path=SCREENSHOTS / "mlflow_ui_registered_model.png")
+        browser.close()
+    assert ui.poll() is None, "pipeline ui kept serving"
+
+
+def test_pipeline_ui_prints_the_local_url(served_store) -> None:
+    url, ui, *_ = served_store
+    assert ui.stdout.readline().strip().endswith(f"at {url}  (Ctrl-C stops it)")
