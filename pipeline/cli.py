@@ -2,6 +2,8 @@
 
     pipeline train conf/fashion_mnist_cnn.yaml train.epochs=3 scaling.num_workers=2
     pipeline predict fashion_mnist_cnn@champion shoe.png --out predictions.csv
+    pipeline tune conf/fashion_mnist_cnn.yaml tune.num_samples=8
+    pipeline run conf/fashion_mnist_cnn.yaml            # search, then register (or retrain) the best
     pipeline ui
     python -m pipeline train conf/linear_regression.yaml --output json
 
@@ -14,6 +16,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
@@ -33,6 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-register", action="store_true", help="track the run but register no model version")
     train.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
     train.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs")
+    for name, text in (("tune", "search the conf's tune.space with Ray Tune; register the best trial"),
+                       ("run", "the whole job: search, then (tune.retrain_best) retrain the best on train+val and test it")):  # fmt: skip
+        search = commands.add_parser(name, help=text)
+        search.add_argument("conf", help="experiment YAML with a tune: section, e.g. conf/fashion_mnist_cnn.yaml")
+        search.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. tune.num_samples=8")
+        search.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
+        search.add_argument("--fresh", action="store_true", help="delete an earlier search of this name and start over")
+        search.add_argument("--no-register", action="store_true", help="track the search but register no model version")
+        search.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
+        search.add_argument("--verbose", action="store_true", help="show Ray Tune's, Ray's and MLflow's own output")
     predict = commands.add_parser("predict", help="run a registered model on images, .npy arrays or tables")
     predict.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion, or NAME/VERSION")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help=".png/.jpg images, .npy arrays, .csv/.parquet tables")
@@ -49,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.verbose:
         _quiet_libraries()
-    commands = {"train": _train, "predict": _predict, "ui": _ui}
+    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui}
     try:
         return commands[args.command](args)
     except ValueError as err:  # ConfigError, DataError, RegistryError, InputError: bad input, said plainly
@@ -60,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.command == "train":
             print("interrupted; run the same command again to resume from the latest checkpoint", file=sys.stderr)
+        elif args.command in ("tune", "run"):
+            print("interrupted; add --resume to the same command to continue the search", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
@@ -106,6 +121,35 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    cfg = load_config(args.conf, args.overrides)
+    from pipeline.console import TrialTable, print_search, print_summary
+    from pipeline.train import training_failure
+    from pipeline.tune import run_pipeline, run_search, search_metric
+
+    try:
+        with TrialTable(*search_metric(cfg)) as table:
+            if args.command == "tune":
+                result = {"search": run_search(cfg, resume=args.resume, fresh=args.fresh, register=not args.no_register,
+                                               on_event=table, verbose=args.verbose).summary()}  # fmt: skip
+            else:
+                result = run_pipeline(cfg, resume=args.resume, fresh=args.fresh, register=not args.no_register,
+                                      on_event=table, verbose=args.verbose)  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - a failed trial's error, without Ray's stack
+        message = training_failure(err)
+        if message is None:
+            raise
+        print(f"error: training failed: {message}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.output == "json":
+        print(json.dumps(result, default=str))
+        return 0
+    print_search(result["search"])
+    if "retrained" in result:
+        print_summary(result["retrained"])
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import check_out, predict_files, write_table
     from pipeline.registry import load_model
@@ -124,13 +168,16 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
     command = ui_command(store, args.host, args.port)
     print(f"MLflow UI for {redact(store.uri)} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    server = subprocess.Popen(command, stdout=None if args.verbose else subprocess.DEVNULL, stderr=None if args.verbose else subprocess.PIPE)
+    # Its own process group: `mlflow server` runs uvicorn as a child, and stopping the group stops both.
+    server = subprocess.Popen(command, stdout=None if args.verbose else subprocess.DEVNULL,
+                              stderr=None if args.verbose else subprocess.PIPE, start_new_session=True)  # fmt: skip
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_INTERRUPTED))  # SIGTERM too leaves through `finally`
     try:
         _, stderr = server.communicate()
-    except KeyboardInterrupt:
-        server.terminate()
-        server.wait()
-        raise
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait()
     if server.returncode != 0:
         print(f"error: the MLflow server stopped (exit {server.returncode}):\n{(stderr or b'').decode()[-2000:]}", file=sys.stderr)
         return EXIT_FAILED

@@ -28,6 +28,7 @@ __all__ = [
     "ExperimentConfig",
     "config_hash",
     "flatten",
+    "with_values",
     "load_config",
 ]
 
@@ -145,6 +146,36 @@ class TrackingConfig(_Section):
     uri: str | None = None
 
 
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class TuneSection(_Section):
+    """A hyperparameter search over any config key (pipeline tune / pipeline run)."""
+
+    # config key path -> {distribution: arguments}, e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-1]}
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    num_samples: int = Field(4, ge=1, description="samples of the space (each grid point num_samples times)")
+    metric: str | None = Field(None, description="default: train.metric")
+    mode: Literal["min", "max"] | None = None
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    search: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs/GPUs fit")
+    # in_process: each trial trains in its Tune actor (one worker, no worker group); workers: a Ray Train
+    # worker group per trial; auto: in_process for 1-worker trials on a one-node cluster.
+    trial_runner: Literal["auto", "in_process", "workers"] = "auto"
+    retrain_best: bool = Field(False, description="pipeline run: retrain the best config on train+val, test it")
+
+    @field_validator("space")
+    @classmethod
+    def _one_distribution_per_key(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for key, spec in space.items():
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+                raise ValueError(f"{key}: write one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1.0e-4, 1.0e-1]}}; got {spec!r}")
+        return space
+
+
 class ExperimentConfig(_Section):
     name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
@@ -156,6 +187,7 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneSection = TuneSection()
 
     def dry_run(self) -> ExperimentConfig:
         """The same experiment shrunk to seconds, as a separate run: 1 epoch over 4 global batches."""
@@ -190,6 +222,23 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     source = str(path) if path is not None else "overrides"
     for override in overrides:
         _apply_override(raw, override)
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def with_values(cfg: ExperimentConfig, values: dict[str, Any], source: str = "values") -> ExperimentConfig:
+    """`cfg` with dotted keys set to (already parsed) values, validated: {"optim.lr": 0.01}."""
+    raw = cfg.model_dump(mode="json")
+    for key, value in values.items():
+        *parents, leaf = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):
+            node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {key}: {'.'.join(parents[: depth + 1])} is not a config section")
+        node[leaf] = value
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:

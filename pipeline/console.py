@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["TrainingDisplay", "format_metrics", "print_summary"]
+__all__ = ["TrainingDisplay", "TrialTable", "format_metrics", "print_search", "print_summary"]
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -78,3 +79,67 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     if registration := summary.get("registration"):
         table.add_row("registered", f"{registration['name']} version {registration['version']} @{registration['alias']}")
     console.print(table)
+
+
+class TrialTable:
+    """A live table of a search's trials: id, hyperparameters, epochs done, last and best metric."""
+
+    def __init__(self, metric: str, mode: str, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.metric, self.mode = metric, mode
+        self.rows: dict[str, dict[str, Any]] = {}
+        self.live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> TrialTable:
+        if self.console.is_terminal:
+            self.live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.console.is_terminal:
+            self.live.stop()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        row = self.rows.setdefault(event["trial"], {"params": {}, "epoch": 0, "last": None, "best": None})
+        if event["event"] == "trial_start":
+            row["params"] = event["params"]
+        elif event["event"] == "epoch":
+            value = event["metrics"].get(self.metric)
+            row["epoch"], row["last"] = event["metrics"]["epoch"], value
+            better = row["best"] is None or (value > row["best"] if self.mode == "max" else value < row["best"])
+            row["best"] = value if better else row["best"]
+            if not self.console.is_terminal:
+                self.console.print(f"trial {event['trial']} epoch {row['epoch']}  {self.metric}={value:.4g}")
+        if self.console.is_terminal:
+            self.live.update(self._table())
+
+    def _table(self) -> Table:
+        keys = sorted({k for row in self.rows.values() for k in row["params"]})
+        table = Table(title=f"trials ({self.metric}, {self.mode})")
+        for column in ("trial", *keys, "epoch", f"last {self.metric}", "best"):
+            table.add_column(column)
+        for trial, row in self.rows.items():
+            cells = [_cell(row["params"].get(k)) for k in keys]
+            table.add_row(trial, *cells, str(row["epoch"]), _cell(row["last"]), _cell(row["best"]))
+        return table
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def print_search(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The finished search: every trial with its outcome, the best first."""
+    console = console or Console()
+    trials = sorted(summary["trials"], key=lambda t: (t["best"] is None, -(t["best"] or 0) if summary["mode"] == "max" else (t["best"] or 0)))
+    keys = sorted({k for t in trials for k in t["params"]})
+    table = Table(title=f"search {summary['name']}: best {summary['metric']} {_cell(summary['best_value'])} (trial {summary['best_trial']})")
+    for column in ("trial", "status", *keys, "epochs", f"best {summary['metric']}"):
+        table.add_column(column)
+    for t in trials:
+        table.add_row(t["trial_id"], t["status"], *[_cell(t["params"].get(k)) for k in keys], str(t["epochs"]), _cell(t["best"]))
+    console.print(table)
+    if registration := summary.get("registration"):
+        console.print(f"registered {registration['name']} version {registration['version']} @{registration['alias']}")

@@ -4,6 +4,8 @@
     confusion_matrix(targets, predicted, classes)   # classifiers
     decision_boundary(probability_of_1, x, y)       # 2-D classifiers
     prediction_vs_target(targets, predicted)        # regression
+    metric_against(values, scores, "optim.lr", ...) # a search: the metric against one hyperparameter
+    trial_curves({trial: [(epoch, value)]}, ...)    # a search: every trial's learning curve
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-__all__ = ["confusion_matrix", "decision_boundary", "learning_curves", "prediction_vs_target"]
+__all__ = ["confusion_matrix", "decision_boundary", "learning_curves", "metric_against", "prediction_vs_target", "trial_curves"]
 
 History = dict[str, list[tuple[int, float]]]  # metric -> (epoch, value) pairs
 
@@ -85,4 +87,37 @@ def prediction_vs_target(targets: np.ndarray, predicted: np.ndarray) -> Figure:
     axes.set(xlabel="target", ylabel="prediction", title=f"prediction vs target (MSE {mse:.4g}, n={len(targets)})")
     axes.legend()
     axes.grid(alpha=0.3)
+    return figure
+
+
+def metric_against(values: list, scores: list[float], key: str, metric: str, *, log_x: bool = False) -> Figure:
+    """Each trial's best metric against its value of one hyperparameter (categories for lists and text)."""
+    figure, axes = plt.subplots(figsize=(6, 4), constrained_layout=True)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if numeric:
+        axes.scatter(values, scores, s=30)
+        if log_x:
+            axes.set_xscale("log")
+    else:
+        labels = sorted({str(v) for v in values})
+        axes.scatter([labels.index(str(v)) for v in values], scores, s=30)
+        axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    axes.set(xlabel=key, ylabel=f"best {metric}", title=f"{metric} against {key} ({len(scores)} trials)")
+    axes.grid(alpha=0.3)
+    return figure
+
+
+def trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str, best: str) -> Figure:
+    """Every trial's metric per epoch on one figure; trials stopped early end early; the best is bold."""
+    figure, axes = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for trial, points in sorted(curves.items()):
+        epochs, values = zip(*points)
+        bold = trial == best
+        axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.5 if bold else 1, alpha=1 if bold else 0.6,
+                  label=f"{trial} (best)" if bold else trial)  # fmt: skip
+    axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} of every trial")
+    axes.grid(alpha=0.3)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    if len(curves) <= 12:
+        axes.legend(fontsize=7)
     return figure

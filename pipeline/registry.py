@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import math
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,7 +96,9 @@ def _log_model(run: TrackedRun, checkpoint_dir: Path, example: np.ndarray | pd.D
         folder = Path(tmp) / "model"
         export_model(checkpoint_dir, folder)
         # log_model links the model to the active run; the run's final status is set by the caller.
-        with mlflow.start_run(run_id=run.run_id):
+        with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
+            # The output's class_index column is an integer: MLflow's hint about missing values is moot.
+            warnings.filterwarnings("ignore", message=".*Inferred schema contains integer column")
             return mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),

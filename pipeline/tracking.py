@@ -30,6 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pipeline.config import ConfigError, ExperimentConfig, config_hash, flatten
 
 if TYPE_CHECKING:
+    import pandas as pd
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
@@ -40,9 +41,12 @@ __all__ = [
     "Store",
     "TrackedRun",
     "check_store",
+    "child_runs",
     "end_run",
     "git_commit",
+    "log_csv",
     "log_figure",
+    "log_metrics",
     "log_text",
     "metric_history",
     "open_run",
@@ -50,6 +54,7 @@ __all__ = [
     "resolve_store",
     "safe_config",
     "safe_params",
+    "set_tags",
     "ui_command",
 ]
 
@@ -322,3 +327,28 @@ def log_figure(run: TrackedRun, figure: Figure, artifact_file: str) -> None:
 
 def log_text(run: TrackedRun, text: str, artifact_file: str) -> None:
     client(run.uri).log_text(run.run_id, text, artifact_file)
+
+
+def log_csv(run: TrackedRun, table: pd.DataFrame, artifact_file: str) -> None:
+    log_text(run, table.to_csv(index=False), artifact_file)
+
+
+def log_metrics(run: TrackedRun, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(run.uri).log_batch(run.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def set_tags(run: TrackedRun, tags: dict[str, str]) -> None:
+    mlflow_client = client(run.uri)
+    for key, value in tags.items():
+        mlflow_client.set_tag(run.run_id, key, value)
+
+
+def child_runs(parent: TrackedRun) -> dict[str, str]:
+    """trial id -> run id of the parent's child runs."""
+    found = client(parent.uri).search_runs(
+        [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'", max_results=10_000
+    )
+    return {run.data.tags["trial_id"]: run.info.run_id for run in found if "trial_id" in run.data.tags}

@@ -128,9 +128,9 @@ def run_worker(
         state = _checkpoint_state(model, optimizer, epoch, metrics, cfg, spec) if session.rank == 0 else None
         if log_epoch:
             log_epoch(metrics)
-        session.report(metrics, state)
-        if emit:
+        if emit:  # before the report: a Tune scheduler may stop the trial as soon as it has the result
             emit({"event": "epoch", "metrics": metrics})
+        session.report(metrics, state)
 
 
 @dataclass
@@ -283,6 +283,12 @@ class TrainingResult:
         }
 
 
+def epoch_metrics(cfg: ExperimentConfig) -> set[str]:
+    """The metrics every epoch reports (the last epoch adds test_* where there is a test split)."""
+    score = "accuracy" if cfg.is_classifier else "mse"
+    return {"epoch", "train_loss", "samples_per_sec", "val_loss", f"val_{score}"}
+
+
 def prepare(cfg: ExperimentConfig) -> DatasetSpec:
     """Everything that can fail on bad input, done before Ray starts: data, task, model, shapes."""
     spec = materialize(cfg.data, cfg.seed)
@@ -294,6 +300,8 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
         raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs (scaling.num_workers=0) need a local folder")
     if cfg.data.val_fraction == 0 and "test" not in spec.rows:
         raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must be > 0")
+    if cfg.metric not in epoch_metrics(cfg):
+        raise ConfigError(f"train.metric: training never reports {cfg.metric!r}; use one of {', '.join(sorted(epoch_metrics(cfg)))}")
     _check_batch_fits(cfg, spec)
     _check_model_accepts(cfg, spec)
     return spec
@@ -338,6 +346,7 @@ def run_training(
     verbose: bool = False,
     track: bool = True,
     register: bool = True,
+    parent_run_id: str | None = None,
 ) -> TrainingResult:
     """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`; `verbose` shows Ray's logs.
 
@@ -364,8 +373,8 @@ def run_training(
 
     if cfg.scaling.num_workers > 0:
         ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
-    run = _open_tracked_run(store, cfg, spec, fresh) if store else None
-    with _recording(run):
+    run = _open_tracked_run(store, cfg, spec, fresh, parent_run_id) if store else None
+    with recording(run):
         if cfg.scaling.num_workers == 0:
             result = _run_in_process(cfg, spec, run_dir, collect, history, run)
         else:
@@ -379,14 +388,16 @@ def run_training(
     return result
 
 
-def _open_tracked_run(store: Store, cfg: ExperimentConfig, spec: DatasetSpec, fresh: bool) -> TrackedRun:
-    workers = cfg.scaling.num_workers
-    tags = {"num_workers": str(workers), "device": "cuda" if _uses_gpu(cfg) else "cpu"}
-    return open_run(store, cfg, spec, run_dir=f"{storage_uri(cfg)}/{cfg.name}", fresh=fresh, tags=tags)
+def _open_tracked_run(
+    store: Store, cfg: ExperimentConfig, spec: DatasetSpec, fresh: bool, parent_run_id: str | None
+) -> TrackedRun:
+    tags = {"num_workers": str(cfg.scaling.num_workers), "device": "cuda" if uses_gpu(cfg) else "cpu"}
+    run_dir = f"{storage_uri(cfg)}/{cfg.name}"
+    return open_run(store, cfg, spec, run_dir=run_dir, fresh=fresh, tags=tags, parent_run_id=parent_run_id)
 
 
 @contextmanager
-def _recording(run: TrackedRun | None) -> Iterator[None]:
+def recording(run: TrackedRun | None) -> Iterator[None]:
     """End the MLflow run with the outcome: FINISHED, FAILED, or KILLED on Ctrl-C."""
     try:
         yield
@@ -402,7 +413,7 @@ def _recording(run: TrackedRun | None) -> Iterator[None]:
         end_run(run, "FINISHED")
 
 
-def _uses_gpu(cfg: ExperimentConfig) -> bool:
+def uses_gpu(cfg: ExperimentConfig) -> bool:
     """GPUs when asked for, or (unset) when there are some: on the Ray cluster, or here in-process."""
     if cfg.scaling.num_workers == 0:
         return cfg.scaling.use_gpu is not False and torch.cuda.is_available()
@@ -426,7 +437,7 @@ def _delete_run(storage: str, name: str) -> None:
 def _run_in_process(
     cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list, run: TrackedRun | None
 ) -> TrainingResult:
-    device = torch.device("cuda" if _uses_gpu(cfg) else "cpu")
+    device = torch.device("cuda" if uses_gpu(cfg) else "cpu")
     session = LocalSession(run_dir, keep=cfg.train.checkpoints_to_keep, metric=cfg.metric, mode=cfg.metric_mode, device=device)
     run_worker(cfg, spec, session, emit, EpochLogger(run) if run else None)
     best = session.best_checkpoint()
@@ -434,7 +445,7 @@ def _run_in_process(
 
 
 def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, emit: EmitFn, history: list, run: TrackedRun | None) -> TrainingResult:
-    with _event_pump(emit) as queue:
+    with event_pump(emit) as queue:
         result = build_trainer(cfg, spec, progress_queue=queue, tracking=run).fit()
     best = result.get_best_checkpoint(metric=cfg.metric, mode=cfg.metric_mode) if result.best_checkpoints else None
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
@@ -464,7 +475,7 @@ def build_trainer(
     # Ray Train's controller collects each report when it polls the workers, every 2 s by default, and a
     # worker's next report waits for that: epochs shorter than the interval would each last 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
-    use_gpu = _uses_gpu(cfg)
+    use_gpu = uses_gpu(cfg)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -508,7 +519,7 @@ def ensure_ray(verbose: bool = False) -> None:
 
 
 @contextmanager
-def _event_pump(emit: EmitFn) -> Iterator[Any]:
+def event_pump(emit: EmitFn) -> Iterator[Any]:
     """A Ray queue that rank 0 writes progress to, drained by a driver thread while fit() blocks."""
     from ray.util.queue import Empty, Queue
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.train import run_training
-from tests.conftest import CONF_DIR, REPO, free_port, wait_for_http
+from tests.conftest import CONF_DIR, REPO, free_port, stop_group, wait_for_http
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO / "test-artifacts"
@@ -35,13 +35,14 @@ def served_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.mlflow_run_id).info.experiment_id
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", ui)
         yield f"http://127.0.0.1:{port}", ui, experiment_id, result.mlflow_run_id
     finally:
-        ui.terminate()
+        ui.terminate()  # pipeline ui stops its server's process group on SIGTERM
         ui.wait(timeout=30)
+        stop_group(ui)
 
 
 def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:

@@ -1,0 +1,150 @@
+"""Ray Tune end to end on a real local Ray: ASHA stops poor trials, grids are covered, a killed search
+resumes, every search space in conf/ parses, bad spaces are refused before any trial, `pipeline run`
+retrains the best. Trials are linear regressions of a few hundred samples, one after another."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.tune import parse_space, run_pipeline, run_search
+from tests.conftest import CONF_DIR, REPO, tiny
+
+SEARCHABLE = [conf for conf in sorted(CONF_DIR.glob("*.yaml")) if load_config(conf).tune.space]
+
+
+def _linear_search(tmp_path: Path, name: str, *extra: str) -> list[str]:
+    return [f"name={name}", f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.num_samples=300",
+            "scaling.num_workers=1", "tune.max_concurrent_trials=1", *extra]  # fmt: skip
+
+
+def test_every_search_space_in_conf_parses() -> None:
+    assert {c.stem for c in SEARCHABLE} >= {"fashion_mnist_cnn", "mnist_mlp", "circles_classifier"}
+    for conf in SEARCHABLE:
+        cfg = load_config(conf)
+        dimensions = parse_space(cfg)
+        assert [d.key for d in dimensions] == list(cfg.tune.space)
+        assert all(d.to_ray() is not None for d in dimensions)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("tune.space={optim.lrr: {uniform: [0.1, 0.2]}}", "tune.space.optim.lrr: invalid config"),
+        ("tune.space={optim: {uniform: [0.1, 0.2]}}", "tune.space.optim"),
+        ("tune.space={optim.lr: {uniform: [0.2, 0.1]}}", "low 0.2 must be below high 0.1"),
+        ("tune.space={optim.lr: {loguniform: [0, 0.1]}}", "bounds must be > 0 for a log scale"),
+        ("tune.space={optim.lr: {choice: []}}", "non-empty list"),
+        ("tune.space={optim.name: {choice: [adam, lion]}}", "tune.space.optim.name"),
+        ("tune.metric=val_f1", "tune.metric: training never reports 'val_f1'"),
+        ("tune.space={optim.lr: {beta: [1, 2]}}", "write one of loguniform"),
+    ],
+)
+def test_a_bad_search_is_refused_before_any_trial(override: str, expected: str, tmp_path: Path) -> None:
+    args = ["tune", "conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}", override]
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "linear_regression-tune").exists(), "no trial started"
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_asha_stops_poor_trials_tracks_one_parent_four_children_and_registers_once(ray_local, tmp_path: Path) -> None:
+    overrides = _linear_search(tmp_path, "asha_search", "train.epochs=4", "tune.scheduler=asha", "tune.num_samples=1",
+                               "tune.space={optim.lr: {grid: [0.05, 0.03, 0.00001, 0.00002]}}")  # fmt: skip
+    result = run_search(load_config(CONF_DIR / "linear_regression.yaml", overrides))
+
+    statuses = {t.params["optim.lr"]: t.status for t in result.trials}
+    assert statuses[0.05] == "finished"
+    assert "stopped early" in statuses.values()
+    assert all(t.epochs < 4 for t in result.trials if t.status == "stopped early")
+    assert result.best.params["optim.lr"] in (0.05, 0.03)
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([client.get_experiment_by_name("asha_search").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.mlflow_run_id]
+    assert [p.info.run_id for p in parents] == [result.mlflow_run_id]
+    assert len(children) == 4 and {c.data.tags["trial_id"] for c in children} == {t.trial_id for t in result.trials}
+    assert all(c.info.status == "FINISHED" and "hp.optim.lr" in c.data.tags for c in children)
+    for child in children:  # every epoch the trial ran, once
+        trial = next(t for t in result.trials if t.trial_id == child.data.tags["trial_id"])
+        steps = sorted(int(m.step) for m in client.get_metric_history(child.info.run_id, "val_mse"))
+        assert steps == list(range(1, trial.epochs + 1))
+    parent_files = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"trials.csv", "best_config.yaml"} <= parent_files
+    assert {a.path for a in client.list_artifacts(result.mlflow_run_id, "plots")} >= {"plots/search_optim.lr.png", "plots/trial_curves.png"}
+    versions = client.search_model_versions("name = 'asha_search'")
+    assert len(versions) == 1 and versions[0].run_id == next(
+        c.info.run_id for c in children if c.data.tags["trial_id"] == result.best.trial_id
+    )
+
+
+@pytest.mark.slow
+def test_a_grid_search_covers_its_grid(ray_local, tmp_path: Path) -> None:
+    overrides = _linear_search(tmp_path, "grid_search", "train.epochs=1", "tune.scheduler=fifo", "tune.num_samples=1",
+                               "tune.space={optim.lr: {grid: [0.01, 0.05]}, data.batch_size: {grid: [16, 32]}}")  # fmt: skip
+    result = run_search(load_config(CONF_DIR / "linear_regression.yaml", overrides), register=False)
+    covered = sorted((t.params["optim.lr"], t.params["data.batch_size"]) for t in result.trials)
+    assert covered == sorted(itertools.product([0.01, 0.05], [16, 32]))
+    assert all(t.status == "finished" for t in result.trials)
+
+
+@pytest.mark.slow
+def test_a_killed_search_resumes_without_running_finished_trials_again(tmp_path: Path) -> None:
+    args = ["tune", "conf/linear_regression.yaml", *_linear_search(tmp_path, "resumed_search", "train.epochs=3",
+            "tune.scheduler=fifo", "tune.num_samples=1", "data.num_samples=2000",
+            "tune.space={optim.lr: {grid: [0.05, 0.04, 0.03, 0.02]}}"), "--output", "json"]  # fmt: skip
+    trials_dir = tmp_path / "resumed_search-tune" / "trials"
+    search = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while len(finished := sorted(trials_dir.glob("*/checkpoint_epoch=0003/meta.json"))) < 2:
+        assert search.poll() is None and time.monotonic() < deadline, search.communicate()
+        time.sleep(0.1)
+    time.sleep(1.5)  # let Tune record the finished trials in its experiment state
+    search.kill()  # SIGKILL: the driver goes away without a word
+    search.wait()
+    before = {path: path.stat().st_mtime_ns for path in finished}
+
+    again = subprocess.run([sys.executable, "-m", "pipeline", *args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr
+    summary = json.loads(again.stdout.strip().splitlines()[-1])["search"]
+    assert sorted(t["params"]["optim.lr"] for t in summary["trials"]) == [0.02, 0.03, 0.04, 0.05]
+    assert all(t["status"] == "finished" and t["epochs"] == 3 for t in summary["trials"])
+    assert {path: path.stat().st_mtime_ns for path in finished} == before, "finished trials were not trained again"
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    children = client.search_runs([client.get_experiment_by_name("resumed_search").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")  # fmt: skip
+    assert len(children) == 4
+    for child in children:
+        assert sorted(int(m.step) for m in client.get_metric_history(child.info.run_id, "epoch")) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_pipeline_run_retrains_the_best_on_train_and_val_and_registers_only_that(
+    ray_local, data_root: Path, tmp_path: Path
+) -> None:
+    overrides = tiny(data_root, tmp_path, "name=run_mlp", "model.hidden=[16]", "tune.retrain_best=true", "tune.scheduler=fifo",
+                     "tune.num_samples=1", "tune.space={optim.lr: {grid: [0.01, 0.0001]}}", "tune.max_concurrent_trials=1")  # fmt: skip
+    outcome = run_pipeline(load_config(CONF_DIR / "mnist_mlp.yaml", overrides))
+    retrained = outcome["retrained"]
+    assert retrained["run_name"] == "run_mlp-best"
+    assert "test_accuracy" in retrained["metrics"]
+    assert retrained["registration"]["alias"] == "champion"
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert len(client.search_model_versions("name = 'run_mlp'")) == 1  # the search itself registered nothing
+    run = client.get_run(retrained["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == outcome["search"]["mlflow_run_id"]
+    assert run.data.params["data.val_fraction"] == "0.0"
+    assert run.data.params["optim.lr"] == str(outcome["search"]["best_params"]["optim.lr"])
