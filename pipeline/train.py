@@ -504,15 +504,22 @@ def build_trainer(
     )
 
 
-def ensure_ray(verbose: bool = False) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray, unless this process is already connected."""
+def ensure_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray, unless this process is already connected.
+
+    A local Ray starts without its dashboard (about a second less) unless `dashboard`: Ray Train's
+    placement-group cleaner asks the dashboard's state API whether a trainer died, and a Tune trial
+    stopped early takes its worker group's resources with it otherwise."""
     import ray
 
     if ray.is_initialized():
         return
+    address = os.environ.get("RAY_ADDRESS")
     ray.init(
-        address=os.environ.get("RAY_ADDRESS"),
-        include_dashboard=False if not os.environ.get("RAY_ADDRESS") else None,
+        # "local": a Ray of our own, never one that happens to run on this machine (ray.init's default
+        # joins the newest local cluster, which may lack what this run needs, such as the dashboard).
+        address=address or "local",
+        include_dashboard=None if address else dashboard,
         log_to_driver=verbose,
         configure_logging=verbose,
     )

@@ -17,6 +17,7 @@ child run per trial; the best trial's best checkpoint is registered once (champi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ from pipeline.train import (
 __all__ = ["SearchResult", "parse_space", "run_pipeline", "run_search", "search_dir", "trial_config"]
 
 CHECKPOINT_PATH = "checkpoint_path"  # the metric key under which each report names its checkpoint
+_NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(_|$)")  # in Tune's trial folder names
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ def _arguments(key: str, kind: str, args: Any) -> tuple[Any, ...]:
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: give a non-empty list of values, e.g. [32, 64]")
-        return tuple(args)
+        return tuple(_number_if_numeric(value) for value in args)
     if not isinstance(args, list) or len(args) != 2:
         raise ConfigError(f"{where}: give [low, high], e.g. [1.0e-4, 1.0e-1]")
     low, high = (_number(where, value) for value in args)
@@ -119,6 +122,13 @@ def _arguments(key: str, kind: str, args: Any) -> tuple[Any, ...]:
             raise ConfigError(f"{where}: integer bounds, please (got [{low}, {high}])")
         return int(low), int(high)
     return low, high
+
+
+def _number_if_numeric(value: Any) -> Any:
+    """YAML reads 1e-4 (no dot) as text; a listed value that is a number in disguise becomes one."""
+    if isinstance(value, str) and _NUMERIC.match(value.strip()):
+        return float(value)
+    return value
 
 
 def _number(where: str, value: Any) -> float:
@@ -167,7 +177,9 @@ class TuneSession(LocalSession):
         tune.report({**metrics, **({CHECKPOINT_PATH: str(latest)} if latest else {})})
 
 
-def trial_driver(params: dict[str, Any], *, base: dict, dataset: dict, store: dict, parent_run_id: str, queue: Any) -> None:
+def trial_driver(
+    params: dict[str, Any], *, base: dict, dataset: dict, store: dict, parent_run_id: str, queue: Any, in_process: bool
+) -> None:
     """Tune's function trainable: train one point of the space, resuming its own checkpoints if any."""
     import ray
     import torch
@@ -180,7 +192,7 @@ def trial_driver(params: dict[str, Any], *, base: dict, dataset: dict, store: di
     run = open_run(Store(**store), cfg, spec, run_dir=f"{storage_uri(cfg)}/{cfg.name}", fresh=False, tags=tags, parent_run_id=parent_run_id)
     queue.put_nowait({"event": "trial_start", "trial": trial_id, "params": params})
     tagged = _TaggedQueue(queue, trial_id)
-    if runs_in_process(cfg):
+    if in_process:
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         session = TuneSession(Path(storage_uri(cfg)) / cfg.name, keep=cfg.train.checkpoints_to_keep,
                               metric=cfg.metric, mode=cfg.metric_mode, device=device)  # fmt: skip
@@ -204,11 +216,23 @@ class _TaggedQueue:
 
 
 def runs_in_process(cfg: ExperimentConfig) -> bool:
+    """Whether trials train in their own Tune actor (no worker group): the driver decides, once."""
+    import os
+
+    if cfg.tune.trial_runner == "in_process" and cfg.scaling.num_workers > 1:
+        raise ConfigError(
+            f"tune.trial_runner: in_process trains each trial in one process; scaling.num_workers={cfg.scaling.num_workers} "
+            f"needs tune.trial_runner=workers (or scaling.num_workers=1)"
+        )
     if cfg.tune.trial_runner != "auto":
         return cfg.tune.trial_runner == "in_process"
+    if cfg.scaling.num_workers > 1:
+        return False
+    if not os.environ.get("RAY_ADDRESS"):
+        return True  # a local Ray is one node
     import ray
 
-    return cfg.scaling.num_workers <= 1 and len([n for n in ray.nodes() if n["Alive"]]) == 1
+    return len([node for node in ray.nodes() if node["Alive"]]) == 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -268,14 +292,14 @@ def run_search(
     store = resolve_store(cfg.tracking.uri)
     check_store(store)
     _check_search_dir(cfg, resume, fresh)
-    ensure_ray(verbose)
     in_process = runs_in_process(cfg)
+    ensure_ray(verbose, dashboard=not in_process)
     concurrency = max_concurrent_trials(cfg, in_process)
     tags = {"kind": "search", "scheduler": cfg.tune.scheduler, "search": cfg.tune.search, "trial_runner": "in_process" if in_process else "workers"}
     parent = open_run(store, cfg, spec, run_dir=search_dir(cfg), fresh=not resume, tags=tags)
     with recording(parent), event_pump(on_event or (lambda event: None)) as queue:
         trainable = _trainable(cfg, spec, store, parent, queue, in_process)
-        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, resume, verbose)
+        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, resume, verbose, in_process)
         grid = tuner.fit()
         trials = [_trial(result, metric, mode, cfg.train.epochs) for result in grid]
         best = _best(trials, mode)
@@ -363,12 +387,12 @@ def _trainable(cfg: ExperimentConfig, spec: DatasetSpec, store: Store, parent: T
     base = cfg.model_dump(mode="json")
     store_json = {"uri": store.uri, "source": store.source, "artifact_location": store.artifact_location}
     with_params = tune.with_parameters(trial_driver, base=base, dataset=spec.to_json(), store=store_json,
-                                       parent_run_id=parent.run_id, queue=queue)  # fmt: skip
+                                       parent_run_id=parent.run_id, queue=queue, in_process=in_process)  # fmt: skip
     return tune.with_resources(with_params, resources)
 
 
 def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], metric: str, mode: str,
-           concurrency: int, resume: bool, verbose: bool) -> Any:  # fmt: skip
+           concurrency: int, resume: bool, verbose: bool, in_process: bool) -> Any:  # fmt: skip
     import os
 
     from ray import tune
@@ -387,6 +411,7 @@ def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], m
             mode=mode,
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=concurrency,
+            reuse_actors=in_process,  # an in-process trial's actor has torch and the data loaded already
             scheduler=_scheduler(cfg),
             search_alg=_search_algorithm(cfg, dimensions, metric, mode),
         ),
@@ -416,8 +441,9 @@ def _scheduler(cfg: ExperimentConfig) -> Any:
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
     # time_attr=epoch: a resumed trial keeps its epoch count, where Tune's own iteration count restarts.
+    # stop_last_trials=False: a trial that reaches max_t ends on its own, its worker group shut down cleanly.
     return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
-                         reduction_factor=cfg.tune.reduction_factor)  # fmt: skip
+                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)  # fmt: skip
 
 
 def _search_algorithm(cfg: ExperimentConfig, dimensions: list[Dimension], metric: str, mode: str) -> Any:
@@ -436,7 +462,8 @@ def _search_algorithm(cfg: ExperimentConfig, dimensions: list[Dimension], metric
 def _trial(result: Any, metric: str, mode: str, max_epochs: int) -> Trial:
     frame = result.metrics_dataframe
     params = dict(result.config)
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    found = _TRIAL_ID.search(Path(result.path).name)
+    trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
     if frame is None or metric not in frame:
         return Trial(trial_id, params, "failed", 0, None, error=_error_line(result.error))
     rows = frame.dropna(subset=[metric]).drop_duplicates(subset="epoch", keep="last").sort_values("epoch")

@@ -82,10 +82,13 @@ def stop_group(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """A real local Ray with room for two workers and a driver, started once (about 4 s)."""
+    """A real local Ray with room for two workers and a driver, started once (about 5 s).
+
+    With its dashboard: Ray Train's placement-group cleaner asks it whether a trainer has died, which
+    Tune trials on worker groups that ASHA stops early depend on (see pipeline.train.ensure_ray)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

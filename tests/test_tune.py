@@ -148,3 +148,15 @@ def test_pipeline_run_retrains_the_best_on_train_and_val_and_registers_only_that
     assert run.data.tags["mlflow.parentRunId"] == outcome["search"]["mlflow_run_id"]
     assert run.data.params["data.val_fraction"] == "0.0"
     assert run.data.params["optim.lr"] == str(outcome["search"]["best_params"]["optim.lr"])
+
+
+@pytest.mark.slow
+def test_trials_on_worker_groups_free_their_workers_when_asha_stops_them(ray_local, tmp_path: Path) -> None:
+    # One trial at a time on worker groups: trial 2 is stopped early, and trial 3 still gets its workers.
+    overrides = _linear_search(tmp_path, "worker_search", "train.epochs=2", "tune.trial_runner=workers", "tune.num_samples=1",
+                               "tune.space={optim.lr: {grid: [0.05, 1e-5, 2e-5]}}")  # fmt: skip
+    result = run_search(load_config(CONF_DIR / "linear_regression.yaml", overrides), register=False)
+    statuses = {t.params["optim.lr"]: t.status for t in result.trials}
+    assert statuses == {0.05: "finished", 1e-5: "stopped early", 2e-5: "stopped early"}
+    checkpoints = list((tmp_path / "worker_search-tune" / "trials").glob("worker_search-*/checkpoint_epoch=0001"))
+    assert len(checkpoints) == 3, "each trial's Ray Train run wrote its own checkpoints"
