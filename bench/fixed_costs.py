@@ -4,9 +4,10 @@
     .venv/bin/python -m bench.fixed_costs --repeat 3  # medians of 3 runs of each
 
 Each measurement runs in a fresh interpreter, since imports and Ray's start are what is measured:
-- phases of `run_training` (conf/linear_regression.yaml, train.epochs=1) with scaling.num_workers=1
-  (Ray Train worker group) and 0 (this process, no Ray): imports, prepare (data + checks), Ray start,
-  fit (worker group start, training, teardown), and the training itself (samples / samples_per_sec);
+- phases of `run_training` (conf/linear_regression.yaml, train.epochs=1, one worker) with
+  scaling.runner=ray (a Ray Train worker group) and auto (the default: this process, no Ray): imports,
+  prepare (data + checks), Ray start, fit (worker group start, training, teardown, MLflow tracking and
+  registration), and the training itself (samples / samples_per_sec);
 - Ray's own minimal TorchTrainer (one worker that reports once), timed the same way, for reference;
 - the whole CLI, `pipeline train conf/linear_regression.yaml train.epochs=1 --fresh --output json`.
 """
@@ -25,19 +26,20 @@ from bench.common import PIPELINE_CLI, bench_module, markdown_table, median, run
 EPOCH_OVERRIDES = ("train.epochs=1",)
 
 
-def child_pipeline(workers: int, storage: str) -> dict[str, float]:
+def child_pipeline(workers: int, storage: str, runner: str) -> dict[str, float]:
     """Runs in a fresh interpreter: time each phase of one `run_training` call."""
     marks = {"start": time.perf_counter()}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"  # tracked and registered, as `pipeline train` is
     from pipeline.config import load_config
-    from pipeline.train import ensure_ray, prepare, run_training
+    from pipeline.train import ensure_ray, prepare, run_training, runs_in_process
 
     marks["imports"] = time.perf_counter()
     cfg = load_config("conf/linear_regression.yaml", [*EPOCH_OVERRIDES, f"scaling.num_workers={workers}",
-                                                      f"storage_path={storage}", f"data.root={storage}"])  # fmt: skip
+                                                      f"scaling.runner={runner}", f"storage_path={storage}",
+                                                      f"data.root={storage}"])  # fmt: skip
     prepare(cfg)  # run_training prepares again below; the second time reads the cached Parquet manifest
     marks["prepare"] = time.perf_counter()
-    if workers:
+    if not runs_in_process(cfg):
         ensure_ray()
     marks["ray_start"] = time.perf_counter()
     result = run_training(cfg)
@@ -75,19 +77,19 @@ def measure_child(*args: str) -> dict[str, float]:
     return {**json.loads(out.strip().splitlines()[-1]), "process": wall}
 
 
-def measure_cli(workers: int) -> float:
+def measure_cli(runner: str) -> float:
     with tempfile.TemporaryDirectory() as storage:
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{storage}/mlflow.db"}
         wall, _ = run_timed([str(PIPELINE_CLI), "train", "conf/linear_regression.yaml", *EPOCH_OVERRIDES,
-                             f"scaling.num_workers={workers}", f"storage_path={storage}", f"data.root={storage}",
+                             f"scaling.runner={runner}", f"storage_path={storage}", f"data.root={storage}",
                              "--fresh", "--output", "json"], env=env)  # fmt: skip
     return wall
 
 
 def report(repeat: int) -> str:
     contenders = {
-        "pipeline, num_workers=1 (Ray Train)": ("pipeline", "1"),
-        "pipeline, num_workers=0 (in-process)": ("pipeline", "0"),
+        "pipeline, 1 worker, scaling.runner=ray (Ray Train)": ("pipeline", "1", "ray"),
+        "pipeline, 1 worker, scaling.runner=auto (the default: in-process)": ("pipeline", "1", "auto"),
         "Ray's minimal TorchTrainer, 1 worker": ("ray_minimal",),
     }
     rows = []
@@ -99,8 +101,8 @@ def report(repeat: int) -> str:
     phases = markdown_table(
         ["run", "imports s", "prepare s", "Ray start s", "fit s", "of which training s", "whole process s"], rows
     )
-    cli = [(f"`pipeline train ... scaling.num_workers={w}`", f"{median([measure_cli(w) for _ in range(repeat)]):.2f}")
-           for w in (1, 0)]  # fmt: skip
+    cli = [(f"`pipeline train ... scaling.runner={r}`", f"{median([measure_cli(r) for _ in range(repeat)]):.2f}")
+           for r in ("ray", "auto")]  # fmt: skip
     return "\n".join([
         f"## Fixed costs: 1-epoch linear regression (medians of {repeat})", "",
         "fit = worker group start + data load + training + teardown, as `TorchTrainer.fit()` takes it, "
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> str:
     if args.child:
         with tempfile.TemporaryDirectory() as storage:
             kind, *rest = args.child
-            phases = child_pipeline(int(rest[0]), storage) if kind == "pipeline" else child_ray_minimal()
+            phases = child_pipeline(int(rest[0]), storage, rest[1]) if kind == "pipeline" else child_ray_minimal()
         print(json.dumps(phases))
         sys.stdout.flush()
         return ""

@@ -1,8 +1,8 @@
-"""Every CPU benchmark, one command, one report (about 12 minutes on 2 cores):
+"""Every CPU benchmark, one command, one report (about 15 minutes on 2 cores):
 
     .venv/bin/python -m bench.run_all
 
-Prints the machine, then the throughput, fixed-cost and Tune tables, and writes the same text to
+Prints the machine, then the throughput, fixed-cost, Tune and memory tables, and writes the same text to
 bench/results/latest.md, ready for docs/BENCHMARKS.md. Run it on an otherwise idle machine: the
 ratios compare contenders measured in the same run, but absolute numbers move with the load.
 """
@@ -13,7 +13,7 @@ import datetime as dt
 
 import ray
 
-from bench import fixed_costs, throughput, tune_overhead
+from bench import fixed_costs, memory, throughput, tune_overhead
 from bench.common import RESULTS_DIR, machine_description
 
 
@@ -24,6 +24,7 @@ def main() -> None:
     ray.shutdown()  # the fixed-cost runs start their own Ray; an idle one must not sit beside them
     sections.append(fixed_costs.main(["--repeat", "1"]))
     sections.append(tune_overhead.main([]))  # each search in its own interpreter, with its own Ray
+    sections.append(memory.main([]))  # each worker in its own interpreter: peak RSS vs the data's size
     RESULTS_DIR.mkdir(exist_ok=True)
     (RESULTS_DIR / "latest.md").write_text("\n\n".join(sections) + "\n")
     print(f"\nwritten to {RESULTS_DIR / 'latest.md'}")

@@ -94,6 +94,7 @@ def pipeline_conf(
         f"data.limit={samples}",
         f"train.epochs={epochs}",
         f"scaling.num_workers={workers}",
+        f"scaling.runner={'ray' if workers else 'in_process'}",  # one worker would train in-process by default
         f"scaling.cpus_per_worker={cpus}",
         f"storage_path={storage}",
     ])  # fmt: skip

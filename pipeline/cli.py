@@ -89,6 +89,7 @@ def _bad_input_errors() -> tuple[type[ValueError], ...]:
 def _quiet_libraries() -> None:
     """MLflow's INFO lines are noise in a terminal; --verbose shows them."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported, here and in workers
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

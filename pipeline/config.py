@@ -135,6 +135,10 @@ class TrainConfig(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(1, ge=0, description="0 trains in this process, without a worker group")
+    # Where training runs. auto: in this process when it is one worker on this machine (no RAY_ADDRESS)
+    # without worker restarts (train.max_failures=0), since a worker group costs ~10 s to start;
+    # on Ray Train otherwise. ray: always a Ray Train worker group. in_process: always here.
+    runner: Literal["auto", "ray", "in_process"] = "auto"
     use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
     # Ray sizes each worker's torch thread pool by its CPUs: more CPUs, more threads for one worker.
     cpus_per_worker: int = Field(1, ge=1)

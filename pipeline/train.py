@@ -166,13 +166,15 @@ def train_epoch(
     """One pass over this rank's part of every global batch; returns the global mean loss and samples/s."""
     model.train()
     use_amp = cfg.train.amp and session.device.type == "cuda"
-    indices = list(batch_indices(len(data.y), cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=cfg.seed))
+    batches = list(batch_indices(len(data.y), cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=cfg.seed))
+    # The epoch's order goes to the device in one copy: one blocking host-to-device copy per step
+    # would stall a GPU between steps.
+    indices = torch.from_numpy(np.stack(batches)).to(session.device)
     loss_sum = torch.zeros((), device=session.device)
     started = last_tick = time.perf_counter()
     for step, idx in enumerate(indices, 1):
-        idx_t = torch.from_numpy(idx).to(session.device)
         with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(model(prep.train(data.x[idx_t])), data.y[idx_t])
+            loss = loss_fn(model(prep.train(data.x[idx])), data.y[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -296,8 +298,12 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
         raise ConfigError(f"loss: {cfg.loss} does not fit {cfg.data.name}, a {spec.task} dataset")
     if cfg.loss == "bce_with_logits" and spec.num_classes != 2:
         raise ConfigError(f"loss: bce_with_logits needs 2 classes; {cfg.data.name} has {spec.num_classes}")
-    if cfg.scaling.num_workers == 0 and "://" in cfg.storage_path:
-        raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs (scaling.num_workers=0) need a local folder")
+    if cfg.scaling.runner == "in_process" and cfg.scaling.num_workers > 1:
+        raise ConfigError(f"scaling.runner: in_process trains one worker; scaling.num_workers={cfg.scaling.num_workers} needs runner ray or auto")
+    if cfg.scaling.runner == "ray" and cfg.scaling.num_workers == 0:
+        raise ConfigError("scaling.runner: ray needs scaling.num_workers >= 1")
+    if runs_in_process(cfg) and "://" in cfg.storage_path:
+        raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs need a local folder (or scaling.runner=ray)")
     if cfg.data.val_fraction == 0 and "test" not in spec.rows:
         raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must be > 0")
     if cfg.metric not in epoch_metrics(cfg):
@@ -371,11 +377,12 @@ def run_training(
         if on_event:
             on_event(event)
 
-    if cfg.scaling.num_workers > 0:
+    in_process = runs_in_process(cfg)
+    if not in_process:
         ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
     run = _open_tracked_run(store, cfg, spec, fresh, parent_run_id) if store else None
     with recording(run):
-        if cfg.scaling.num_workers == 0:
+        if in_process:
             result = _run_in_process(cfg, spec, run_dir, collect, history, run)
         else:
             result = _run_on_ray(cfg, spec, collect, history, run)
@@ -391,7 +398,11 @@ def run_training(
 def _open_tracked_run(
     store: Store, cfg: ExperimentConfig, spec: DatasetSpec, fresh: bool, parent_run_id: str | None
 ) -> TrackedRun:
-    tags = {"num_workers": str(cfg.scaling.num_workers), "device": "cuda" if uses_gpu(cfg) else "cpu"}
+    tags = {
+        "num_workers": str(cfg.scaling.num_workers),
+        "runner": "in_process" if runs_in_process(cfg) else "ray",
+        "device": "cuda" if uses_gpu(cfg, runs_in_process(cfg)) else "cpu",
+    }
     run_dir = f"{storage_uri(cfg)}/{cfg.name}"
     return open_run(store, cfg, spec, run_dir=run_dir, fresh=fresh, tags=tags, parent_run_id=parent_run_id)
 
@@ -413,9 +424,17 @@ def recording(run: TrackedRun | None) -> Iterator[None]:
         end_run(run, "FINISHED")
 
 
-def uses_gpu(cfg: ExperimentConfig) -> bool:
-    """GPUs when asked for, or (unset) when there are some: on the Ray cluster, or here in-process."""
-    if cfg.scaling.num_workers == 0:
+def runs_in_process(cfg: ExperimentConfig) -> bool:
+    """Train in this process (no worker group): scaling.runner, or for auto one worker on this machine."""
+    if cfg.scaling.runner != "auto":
+        return cfg.scaling.runner == "in_process"
+    one_local_worker = cfg.scaling.num_workers <= 1 and not os.environ.get("RAY_ADDRESS")
+    return cfg.scaling.num_workers == 0 or (one_local_worker and cfg.train.max_failures == 0)
+
+
+def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:
+    """GPUs when asked for, or (unset) when there are some: here in-process, or on the Ray cluster."""
+    if in_process:
         return cfg.scaling.use_gpu is not False and torch.cuda.is_available()
     if cfg.scaling.use_gpu is not None:
         return cfg.scaling.use_gpu
@@ -437,9 +456,12 @@ def _delete_run(storage: str, name: str) -> None:
 def _run_in_process(
     cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list, run: TrackedRun | None
 ) -> TrainingResult:
-    device = torch.device("cuda" if uses_gpu(cfg) else "cpu")
+    device = torch.device("cuda" if uses_gpu(cfg, in_process=True) else "cpu")
     session = LocalSession(run_dir, keep=cfg.train.checkpoints_to_keep, metric=cfg.metric, mode=cfg.metric_mode, device=device)
-    run_worker(cfg, spec, session, emit, EpochLogger(run) if run else None)
+    try:
+        run_worker(cfg, spec, session, emit, EpochLogger(run) if run else None)
+    except Exception as err:  # as on Ray: the training's own error, named as the worker's
+        raise TrainingError(f"worker 0: {type(err).__name__}: {err}") from err
     best = session.best_checkpoint()
     return TrainingResult(cfg.name, str(run_dir), session.last_metrics or {}, str(best) if best else None, history)
 
@@ -475,7 +497,7 @@ def build_trainer(
     # Ray Train's controller collects each report when it polls the workers, every 2 s by default, and a
     # worker's next report waits for that: epochs shorter than the interval would each last 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
-    use_gpu = uses_gpu(cfg)
+    use_gpu = uses_gpu(cfg, in_process=False)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -565,8 +587,14 @@ def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), state
 
 
+class TrainingError(RuntimeError):
+    """Training failed in this process (in-process runs); the message names the error."""
+
+
 def training_failure(err: BaseException) -> str | None:
-    """A one-line account of a failed Ray Train run (the worker's own error), or None if it is not one."""
+    """A one-line account of a failed training (the worker's own error), or None if it is not one."""
+    if isinstance(err, TrainingError):
+        return str(err)
     from ray.train import TrainingFailedError
 
     if not isinstance(err, TrainingFailedError):

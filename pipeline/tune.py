@@ -372,7 +372,7 @@ def max_concurrent_trials(cfg: ExperimentConfig, in_process: bool) -> int:
 
 
 def _trial_resources(cfg: ExperimentConfig, in_process: bool) -> tuple[float, int]:
-    gpu = uses_gpu(cfg)
+    gpu = uses_gpu(cfg, in_process)
     if in_process:
         return cfg.scaling.cpus_per_worker, 1 if gpu else 0
     return 1 + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, cfg.scaling.num_workers if gpu else 0

@@ -47,7 +47,7 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     mlflow_server: str, ray_local, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = _server_env(monkeypatch, mlflow_server)
-    overrides = tiny(data_root, tmp_path, "name=tracked_mlp", "scaling.num_workers=1", "model.hidden=[32]")
+    overrides = tiny(data_root, tmp_path, "name=tracked_mlp", "scaling.runner=ray", "model.hidden=[32]")
     first = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=2"]))
     again = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=3"]))  # continues
 
@@ -61,7 +61,7 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     assert params["optim.lr"] == "0.001" and params["model.hidden"] == "[32]" and params["data.name"] == "mnist"
     assert params["train.epochs"] == "2" and "train.epochs: 2 -> 3" in run.data.tags["changed_on_resume"]
     tags = run.data.tags
-    assert tags["num_workers"] == "1" and tags["device"] == "cpu" and tags["ray_run"] == "tracked_mlp"
+    assert tags["num_workers"] == "1" and tags["runner"] == "ray" and tags["device"] == "cpu" and tags["ray_run"] == "tracked_mlp"
     assert len(tags["config_hash"]) == 12 and tags["run_dir"] == f"{tmp_path}/tracked_mlp"
     assert tags["data_hash"] == json.loads((data_root / "parquet" / "mnist" / "manifest.json").read_text())["data_hash"]
     assert tags["git_commit"] != ""
@@ -229,7 +229,7 @@ def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(CONF_DIR / "circles_classifier.yaml", ["train.epochs=2", "data.num_samples=300", "scaling.num_workers=1"])
+    cfg = load_config(CONF_DIR / "circles_classifier.yaml", ["train.epochs=2", "data.num_samples=300", "scaling.runner=ray"])
     result = run_training(cfg)  # rank 0 runs in a Ray worker, whose working directory is not this one
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = _runs(client, "circles_classifier")

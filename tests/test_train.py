@@ -35,9 +35,9 @@ def test_every_conf_trains_one_epoch_on_tiny_data(conf: Path, data_root: Path, t
 
 
 @pytest.mark.slow
-def test_linear_regression_recovers_w_and_b(ray_local, tmp_path: Path) -> None:
+def test_linear_regression_recovers_w_and_b(tmp_path: Path) -> None:
     cfg = load_config(CONF_DIR / "linear_regression.yaml", [f"storage_path={tmp_path}", f"data.root={tmp_path}"])
-    result = run_training(cfg)  # as the conf says: one Ray Train worker
+    result = run_training(cfg)  # one worker on this machine: in this process (scaling.runner=auto)
     model, _ = load_checkpoint(result.checkpoint)
     assert torch.allclose(model.weight.detach()[0], torch.tensor(LINEAR_TRUE_W), atol=0.1)
     assert abs(model.bias.item() - LINEAR_TRUE_B) < 0.1
@@ -47,7 +47,7 @@ def test_linear_regression_recovers_w_and_b(ray_local, tmp_path: Path) -> None:
 def test_two_ddp_workers_follow_one_worker_on_the_same_global_batch(ray_local, data_root: Path, tmp_path: Path) -> None:
     # No dropout or batch norm: with the same global batches, DDP's averaged gradient is the 1-worker gradient.
     common = tiny(data_root, tmp_path, "train.epochs=3", "optim.name=sgd", "optim.lr=0.05", "model.dropout=0")
-    one = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*common, "name=one", "scaling.num_workers=1", "data.batch_size=32"]))
+    one = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*common, "name=one", "scaling.runner=ray", "scaling.num_workers=1", "data.batch_size=32"]))
     two = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*common, "name=two", "scaling.num_workers=2", "data.batch_size=16"]))
     for key in ("train_loss", "val_loss", "val_accuracy"):
         assert [m[key] for m in two.history] == pytest.approx([m[key] for m in one.history], rel=1e-4, abs=1e-6), key
@@ -94,7 +94,8 @@ def _latest_checkpoint_epoch(run_dir: Path, workers: int) -> int:
 def test_a_killed_run_resumes_at_the_next_epoch(workers: int, tmp_path: Path) -> None:
     epochs = 12
     args = ["conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}",
-            f"train.epochs={epochs}", "data.num_samples=3000", f"scaling.num_workers={workers}"]
+            f"train.epochs={epochs}", "data.num_samples=3000", f"scaling.num_workers={workers}",
+            f"scaling.runner={'ray' if workers else 'auto'}"]
     run_dir = tmp_path / "linear_regression"
     run = _train_cli(*args)
     deadline = time.monotonic() + 120
@@ -134,7 +135,8 @@ def test_a_user_module_trains_on_ray_workers(ray_local, tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = load_config(CONF_DIR / "circles_classifier.yaml",
-                      ["model.name=my_nets:TinyNet", "model.kwargs={hidden: 8}", "train.epochs=2", "data.root=data"])
+                      ["model.name=my_nets:TinyNet", "model.kwargs={hidden: 8}", "train.epochs=2", "data.root=data",
+                       "scaling.runner=ray"])
     result = run_training(cfg)
     assert [m["epoch"] for m in result.history] == [1, 2]
     assert result.metrics["val_accuracy"] > 0.5
