@@ -25,27 +25,27 @@ from pipeline.config import ConfigError, load_config
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
 
+def _experiment_command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    """The arguments train, tune and run share: a conf, its overrides, and what to record and show."""
+    command = commands.add_parser(name, help=text)
+    command.add_argument("conf", help="experiment YAML, e.g. conf/fashion_mnist_cnn.yaml")
+    command.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. optim.lr=0.01 train.epochs=3")
+    command.add_argument("--fresh", action="store_true", help="delete what an earlier run of this name left and start over")
+    command.add_argument("--no-register", action="store_true", help="track in MLflow but register no model version")
+    command.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
+    command.add_argument("--verbose", action="store_true", help="show Ray's, Ray Tune's and MLflow's own output")
+    return command
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train one experiment (resumes from its latest checkpoint)")
-    train.add_argument("conf", help="experiment YAML, e.g. conf/fashion_mnist_cnn.yaml")
-    train.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. optim.lr=0.01 train.epochs=3")
-    train.add_argument("--fresh", action="store_true", help="delete this run's checkpoints and start over (a new MLflow run)")
+    train = _experiment_command(commands, "train", "train one experiment (resumes from its latest checkpoint)")
     train.add_argument("--dry-run", action="store_true", help="1 epoch over 4 batches, as run NAME-dry-run, not registered")
-    train.add_argument("--no-register", action="store_true", help="track the run but register no model version")
-    train.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
-    train.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own logs")
     for name, text in (("tune", "search the conf's tune.space with Ray Tune; register the best trial"),
                        ("run", "the whole job: search, then (tune.retrain_best) retrain the best on train+val and test it")):  # fmt: skip
-        search = commands.add_parser(name, help=text)
-        search.add_argument("conf", help="experiment YAML with a tune: section, e.g. conf/fashion_mnist_cnn.yaml")
-        search.add_argument("overrides", nargs="*", metavar="key.path=value", help="e.g. tune.num_samples=8")
+        search = _experiment_command(commands, name, text)
         search.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
-        search.add_argument("--fresh", action="store_true", help="delete an earlier search of this name and start over")
-        search.add_argument("--no-register", action="store_true", help="track the search but register no model version")
-        search.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON object, last line of stdout")
-        search.add_argument("--verbose", action="store_true", help="show Ray Tune's, Ray's and MLflow's own output")
     predict = commands.add_parser("predict", help="run a registered model on images, .npy arrays or tables")
     predict.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion, or NAME/VERSION")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help=".png/.jpg images, .npy arrays, .csv/.parquet tables")
