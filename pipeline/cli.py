@@ -98,7 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg = cfg.dry_run()
     from pipeline.console import TrainingDisplay, print_summary
-    from pipeline.train import run_training, training_failure
+    from pipeline.train import run_training
 
     try:
         with TrainingDisplay(cfg.train.epochs) as display:
@@ -110,11 +110,7 @@ def _train(args: argparse.Namespace) -> int:
                 register=not (args.no_register or args.dry_run),
             )
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
-        message = training_failure(err)
-        if message is None:
-            raise
-        print(f"error: training failed: {message}", file=sys.stderr)
-        return EXIT_FAILED
+        return _training_failed(err)
     if args.output == "json":
         print(json.dumps(result.summary()))
     else:
@@ -122,10 +118,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _training_failed(err: Exception) -> int:
+    """Exit 1 with the worker's own error on one line; any other exception is a bug and keeps its traceback."""
+    from pipeline.train import training_failure
+
+    message = training_failure(err)
+    if message is None:
+        raise err
+    print(f"error: training failed: {message}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.conf, args.overrides)
     from pipeline.console import TrialTable, print_search, print_summary
-    from pipeline.train import training_failure
     from pipeline.tune import run_pipeline, run_search, search_metric
 
     try:
@@ -136,12 +142,8 @@ def _search(args: argparse.Namespace) -> int:
             else:
                 result = run_pipeline(cfg, resume=args.resume, fresh=args.fresh, register=not args.no_register,
                                       on_event=table, verbose=args.verbose)  # fmt: skip
-    except Exception as err:  # noqa: BLE001 - a failed trial's error, without Ray's stack
-        message = training_failure(err)
-        if message is None:
-            raise
-        print(f"error: training failed: {message}", file=sys.stderr)
-        return EXIT_FAILED
+    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
+        return _training_failed(err)
     if args.output == "json":
         print(json.dumps(result, default=str))
         return 0
