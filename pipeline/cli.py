@@ -5,6 +5,8 @@
     pipeline tune conf/fashion_mnist_cnn.yaml tune.num_samples=8
     pipeline run conf/fashion_mnist_cnn.yaml            # search, then register (or retrain) the best
     pipeline ui
+    pipeline submit jobs/linear_regression_smoke.yaml --address http://127.0.0.1:8265 --follow
+    pipeline jobs status ID --address http://127.0.0.1:8265
     python -m pipeline train conf/linear_regression.yaml --output json
 
 Exit codes: 0 done, 1 training failed, 2 bad input (config, data, arguments, model reference), 130 interrupted.
@@ -20,7 +22,12 @@ import signal
 import subprocess
 import sys
 
+from typing import TYPE_CHECKING
+
 from pipeline.config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -55,14 +62,29 @@ def _parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to bind; anything else than 127.0.0.1 exposes the UI")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--verbose", action="store_true", help="show the server's own logs")
+    submit = _cluster_command(commands, "submit", "submit a job spec (jobs/*.yaml) to a Ray cluster; prints the job id")
+    submit.add_argument("job", help="job spec, e.g. jobs/fashion_mnist_cnn.yaml")
+    submit.add_argument("overrides", nargs="*", metavar="key.path=value", help="appended to the spec's entrypoint overrides")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs; exit 0 only if it SUCCEEDED")
+    jobs = _cluster_command(commands, "jobs", "a submitted job: its status, its logs, or stop it")
+    jobs.add_argument("action", choices=("status", "logs", "stop"))
+    jobs.add_argument("job_id", metavar="ID", help="what `pipeline submit` printed")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit 0 only if it SUCCEEDED")
     return parser
+
+
+def _cluster_command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=text)
+    command.add_argument("--address", help="the Ray dashboard, http://HOST:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    command.add_argument("--verbose", action="store_true", help="show Ray's own logs")
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.verbose:
         _quiet_libraries()
-    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui}
+    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "submit": _submit, "jobs": _jobs}
     try:
         return commands[args.command](args)
     except ValueError as err:  # ConfigError, DataError, RegistryError, InputError: bad input, said plainly
@@ -75,12 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted; run the same command again to resume from the latest checkpoint", file=sys.stderr)
         elif args.command in ("tune", "run"):
             print("interrupted; add --resume to the same command to continue the search", file=sys.stderr)
+        elif args.command in ("submit", "jobs"):
+            print("stopped following; the job goes on: `pipeline jobs stop ID` stops it", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 def _bad_input_errors() -> tuple[type[ValueError], ...]:
     errors: list[type[ValueError]] = [ConfigError]
-    for module, name in (("pipeline.data", "DataError"), ("pipeline.registry", "RegistryError"), ("pipeline.serving", "InputError")):
+    for module, name in (("pipeline.data", "DataError"), ("pipeline.cluster", "JobError"), ("pipeline.registry", "RegistryError"), ("pipeline.serving", "InputError")):
         if module in sys.modules:  # only errors of modules in use: no heavy import just to compare
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
@@ -185,3 +209,41 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"error: the MLflow server stopped (exit {server.returncode}):\n{(stderr or b'').decode()[-2000:]}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from pipeline.cluster import connect, load_job, submit
+
+    job = load_job(args.job, args.overrides)  # every check before the cluster is contacted
+    client = connect(args.address, quiet=not args.verbose)
+    job_id = submit(client, job)
+    print(job_id, flush=True)
+    print(f"submitted {job.name}: {job.entrypoint}", file=sys.stderr)
+    return _follow(client, job_id) if args.follow else 0
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    from pipeline.cluster import connect, job_outcome
+
+    client = connect(args.address, quiet=not args.verbose)
+    status, message = job_outcome(client, args.job_id)  # also: an unknown id is exit 2, said plainly
+    if args.action == "status":
+        print(f"{status}{': ' + message if message else ''}")
+    elif args.action == "stop":
+        stopped = client.stop_job(args.job_id)
+        print(f"{args.job_id}: {'stopping' if stopped else 'already ended (' + status + ')'}")
+    elif args.follow:
+        return _follow(client, args.job_id)
+    else:
+        sys.stdout.write(client.get_job_logs(args.job_id))
+    return 0
+
+
+def _follow(client: JobSubmissionClient, job_id: str) -> int:
+    """Stream a job's logs to its end; exit 0 only if it SUCCEEDED."""
+    from pipeline.cluster import follow_logs, job_outcome
+
+    follow_logs(client, job_id)
+    status, message = job_outcome(client, job_id)
+    print(f"job {job_id}: {status}{': ' + message if message else ''}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else EXIT_FAILED

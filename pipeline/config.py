@@ -142,6 +142,9 @@ class ScalingSection(_Section):
     use_gpu: bool | None = Field(None, description="None: use GPUs when the Ray cluster has them")
     # Ray sizes each worker's torch thread pool by its CPUs: more CPUs, more threads for one worker.
     cpus_per_worker: int = Field(1, ge=1)
+    # How Ray places the workers across nodes: PACK fills one node first (fast, shared memory), SPREAD
+    # and STRICT_SPREAD put them on different nodes (STRICT: one per node, or the run waits for nodes).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class TrackingConfig(_Section):
@@ -301,25 +304,30 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid config"]
+    return describe_invalid(err, source, ExperimentConfig, "config")
+
+
+def describe_invalid(err: ValidationError, source: str, root: type[BaseModel], what: str) -> str:
+    """A validation error as one line per problem, each naming its key path and what is allowed."""
+    lines = [f"{source}: invalid {what}"]
     for problem in err.errors():
         key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        lines.append(f"  {key}: {_explain(problem)}")
+        lines.append(f"  {key}: {_explain(problem, root)}")
     return "\n".join(lines)
 
 
-def _explain(problem: dict[str, Any]) -> str:
+def _explain(problem: dict[str, Any], root: type[BaseModel]) -> str:
     kind = problem["type"]
     if kind == "extra_forbidden":
-        return f"unknown key; the keys here are: {', '.join(_allowed_keys(problem['loc']))}"
+        return f"unknown key; the keys here are: {', '.join(_allowed_keys(problem['loc'], root))}"
     message = problem["msg"].removeprefix("Value error, ")
     if "input" not in problem or isinstance(problem["input"], dict):
         return message
     return f"{message} (got {problem['input']!r})"
 
 
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    model: type[BaseModel] = ExperimentConfig
+def _allowed_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
+    model: type[BaseModel] = root
     for part in loc[:-1]:
         annotation = model.model_fields[str(part)].annotation
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):

@@ -511,6 +511,7 @@ def build_trainer(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
             name=cfg.name,  # no timestamp: the same name is how a re-run resumes

@@ -1,0 +1,267 @@
+"""Jobs on a real two-node Ray cluster on this machine: `pipeline submit`, `pipeline jobs`, job specs.
+
+The cluster is two `ray start --block` processes on 127.0.0.1 (a head and a second node with its own
+temp dir, as a second machine would have), with Ray's token authentication on, and the jobs log to a real
+`mlflow server` on 127.0.0.1. Nothing is mocked: the job uploads this checkout as its working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.cluster import load_job
+from tests.conftest import REPO, free_port
+
+JOBS_DIR = REPO / "jobs"
+NODE_CPUS = 2
+
+
+@dataclass
+class Cluster:
+    address: str  # the dashboard, where the Jobs API is
+    token: str
+    shared: Path  # storage both nodes see
+
+    def api(self, path: str) -> dict:
+        request = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return json.load(reply)
+
+
+def _start_node(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    # --block keeps the node's processes under this one; its own session lets teardown stop them all.
+    with log.open("w") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop_nodes(nodes: list[subprocess.Popen], root: Path) -> None:
+    """Kill the nodes' process groups, then anything else that runs from their temp dirs.
+
+    SIGKILL, not SIGTERM: on SIGTERM each node drains for up to 30 s, and the cluster is thrown away."""
+    for node in nodes:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    subprocess.run(["pkill", "-KILL", "-f", str(root)], check=False)
+
+
+def _wait_for_nodes(cluster: Cluster, nodes: list[subprocess.Popen], timeout_s: float = 90) -> None:
+    """Until the dashboard answers (with the token) and counts every node started as alive."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(node.poll() is not None for node in nodes):
+            raise RuntimeError(f"a Ray node exited: {[node.returncode for node in nodes]}; see its log in {cluster.shared.parent}")
+        try:
+            found = cluster.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]
+        except OSError:  # not up yet
+            found = []
+        if sum(n["state"] == "ALIVE" for n in found) == len(nodes):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{len(nodes)} Ray nodes were not alive within {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    """A head and a second node, each with 2 logical CPUs, token authentication on (about 20 s)."""
+    # Short paths: Ray's Unix sockets live under the temp dir, and socket paths are limited to ~100 bytes.
+    root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    token = secrets.token_hex(16)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    gcs_port, dashboard_port = free_port(), free_port()
+    ray = shutil.which("ray", path=env["PATH"])
+
+    def common() -> list[str]:  # its own agent port per node: the default, 52365, is one per machine
+        return ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}", "--disable-usage-stats",
+                f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
+
+    head = _start_node(
+        [ray, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}", f"--temp-dir={root / 'h'}", *common()],
+        env, root / "head.log",
+    )  # fmt: skip
+    nodes = [head]
+    try:
+        cluster = Cluster(f"http://127.0.0.1:{dashboard_port}", token, root / "shared")
+        _wait_for_nodes(cluster, nodes)
+        # The second node has its own temp dir, as on a second machine: sharing one, the nodes would
+        # unpack a job's working directory over each other.
+        second = _start_node(
+            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={root / 'w'}", *common()],
+            env, root / "worker.log",
+        )  # fmt: skip
+        nodes.append(second)
+        _wait_for_nodes(cluster, nodes)
+        yield cluster
+    finally:
+        _stop_nodes(nodes, root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _pipeline(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _job_env(cluster: Cluster, mlflow_url: str, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token, "MLFLOW_TRACKING_URI": mlflow_url,
+           "PIPELINE_STORAGE": str(cluster.shared / "runs"), "PIPELINE_DATA": str(cluster.shared / "data"), **extra}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _last_json(text: str) -> dict:
+    return json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
+
+
+@pytest.mark.slow
+def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlflow_server: str) -> None:
+    submitted = _pipeline(
+        "submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_smoke",
+        "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or the job waits
+        "--address", cluster.address, "--follow", env=_job_env(cluster, mlflow_server),
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = submitted.stdout.splitlines()[0]
+    assert job_id.startswith("linear_regression_smoke-")
+    assert f"job {job_id}: SUCCEEDED" in submitted.stderr
+
+    # The job's own result line, streamed back by --follow: a version registered on the server.
+    summary = _last_json(submitted.stdout)
+    client = MlflowClient(mlflow_server)
+    champion = client.get_model_version_by_alias("cluster_smoke", "champion")
+    assert champion.version == summary["registration"]["version"]
+    assert champion.run_id == summary["mlflow_run_id"]
+    # Rank 0 logged every epoch from wherever it ran, through the runtime env's MLFLOW_TRACKING_URI.
+    assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_mse")) == [1, 2]
+    assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+
+    # Checkpoints are on the shared storage, where the job's overrides put them.
+    run_dir = cluster.shared / "runs" / "cluster_smoke"
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=0001", "checkpoint_epoch=0002"]
+    assert summary["checkpoint"].startswith(str(run_dir))
+
+    # Two DDP workers, one on each node.
+    ray_job_id = cluster.api(f"/api/jobs/{job_id}")["job_id"]
+    workers = cluster.api(
+        "/api/v0/actors?limit=1000&detail=true&filter_keys=class_name&filter_predicates=%3D&filter_values=RayTrainWorker"
+    )["data"]["result"]["result"]  # fmt: skip
+    nodes = [w["node_id"] for w in workers if w["job_id"] == ray_job_id]
+    assert len(nodes) == 2 and len(set(nodes)) == 2
+
+
+@pytest.mark.slow
+def test_jobs_status_logs_and_stop(cluster: Cluster, mlflow_server: str) -> None:
+    env = _job_env(cluster, mlflow_server)
+    address = ["--address", cluster.address]
+    submitted = _pipeline("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_stop",
+                          "train.epochs=100000", *address, env=env)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job_id = submitted.stdout.strip()
+    status = _pipeline("jobs", "status", job_id, *address, env=env)
+    assert status.returncode == 0 and status.stdout.split(":")[0].strip() in ("PENDING", "RUNNING"), status.stdout
+
+    stopped = _pipeline("jobs", "stop", job_id, *address, env=env)
+    assert stopped.returncode == 0 and "stopping" in stopped.stdout
+    # --follow ends with the job, and says it did not succeed.
+    followed = _pipeline("jobs", "logs", job_id, "--follow", *address, env=env)
+    assert followed.returncode == 1
+    assert f"job {job_id}: STOPPED" in followed.stderr
+    logs = _pipeline("jobs", "logs", job_id, *address, env=env)
+    assert "Running entrypoint" in logs.stdout
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_on_the_cluster_exits_1(cluster: Cluster, mlflow_server: str) -> None:
+    # Valid here, wrong there: the data root is not writable on the cluster.
+    env = _job_env(cluster, mlflow_server, PIPELINE_DATA="/proc/no-such-folder")
+    followed = _pipeline("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_fail",
+                         "--address", cluster.address, "--follow", env=env)  # fmt: skip
+    assert followed.returncode == 1
+    assert ": FAILED" in followed.stderr
+
+
+def test_a_missing_or_wrong_token_is_refused_with_the_fix(cluster: Cluster, tmp_path: Path) -> None:
+    env = {**os.environ, "HOME": str(tmp_path)}  # no ~/.ray/auth_token either
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        env.pop(name, None)
+    missing = _pipeline("jobs", "status", "any", "--address", cluster.address, env=env)
+    assert missing.returncode == 2
+    assert "token authentication" in missing.stderr and "needs a token" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
+    wrong = _pipeline("jobs", "status", "any", "--address", cluster.address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
+    assert wrong.returncode == 2 and "refused the token" in wrong.stderr
+    unknown = _pipeline("jobs", "status", "no-such-job", "--address", cluster.address, env={**env, "RAY_AUTH_TOKEN": cluster.token})
+    assert unknown.returncode == 2 and "no such job" in unknown.stderr
+
+
+# --- without a cluster: everything that is refused before submission -------------------------------
+
+
+def test_an_unreachable_address_fails_in_seconds() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # A closed port, and a port that accepts connections but never answers, like a host behind a
+    # firewall that drops packets: that one ends by the check's timeout (Ray's client has none).
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        for address in (f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{silent.getsockname()[1]}"):
+            result = _pipeline("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "--address", address, env=env, timeout=60)
+            assert result.returncode == 2, result.stderr
+            assert f"--address {address}: no Ray dashboard answered" in result.stderr
+    no_address = _pipeline("jobs", "status", "x", env={k: v for k, v in env.items() if k != "RAY_API_SERVER_ADDRESS"})
+    assert no_address.returncode == 2 and "--address http://HOST:8265" in no_address.stderr
+
+
+def test_every_job_spec_is_valid_and_runs_a_pipeline_command() -> None:
+    specs = sorted(JOBS_DIR.glob("*.yaml"))
+    assert any("smoke" in spec.name for spec in specs)
+    for spec in specs:
+        job = load_job(spec, environ={})  # the defaults of ${VAR:-default} alone make a valid job
+        assert job.entrypoint.startswith("python -m pipeline "), spec
+        assert job.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http"), spec
+        assert ".venv" in job.runtime_env["excludes"]
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"entrypoint": {"command": "train", "conf": "conf/nope.yaml"}}, "entrypoint.conf: conf/nope.yaml is not a file"),
+        ({"entrypoint": {"command": "train", "conf": "conf/linear_regression.yaml", "overrides": ["optim.lrr=0.1"]}},
+         "optim.lrr: unknown key"),
+        ({"entrypoint": {"command": "fit", "conf": "conf/linear_regression.yaml"}}, "entrypoint.command"),
+        ({"resources": {"num_cpus": 1}}, "resources.num_cpus: unknown key; the keys here are: entrypoint_memory"),
+        ({"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "${NO_SUCH_VARIABLE_SET}"}}},
+         "runtime_env.env_vars.MLFLOW_TRACKING_URI: ${NO_SUCH_VARIABLE_SET} is not set"),
+        ({"runtime_env": {"env_vars": {}}}, "runtime_env.env_vars.MLFLOW_TRACKING_URI is missing"),
+    ],
+)  # fmt: skip
+def test_a_bad_job_spec_is_refused_before_submission(tmp_path: Path, edit: dict, message: str) -> None:
+    import yaml
+
+    spec = yaml.safe_load((JOBS_DIR / "linear_regression_smoke.yaml").read_text())
+    spec.update(edit)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    # An address nobody answers at: the spec must be refused before the address is even tried.
+    result = _pipeline("submit", str(path), "--address", f"http://127.0.0.1:{free_port()}",
+                       env={k: v for k, v in os.environ.items() if k != "NO_SUCH_VARIABLE_SET"})  # fmt: skip
+    assert result.returncode == 2
+    assert message in result.stderr, result.stderr
+    assert "no Ray dashboard answered" not in result.stderr
