@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, load_config
