@@ -103,7 +103,7 @@ def child_in_process(root: str, limit: int | None) -> dict[str, Any]:
 
         mark("after `import torch` + pipeline imports")
         _mark_calls(pipeline.data, "_read_parquet_split", _read_stage, mark)
-        _mark_calls(pipeline.train, "load_splits", lambda args: "`load_splits` returned (train/val copies, test)", mark)
+        _mark_calls(pipeline.train, "load_split_rows", lambda args: "`load_split_rows` returned (train/val rows, test)", mark)
         _mark_calls(pipeline.train, "model_for", lambda args: "splits as tensors (`_to_device`), before the model", mark, before=True)
         cfg = load_config(f"conf/{CONF}.yaml", conf_overrides(root, storage, workers=0, limit=limit))
         spec = pipeline.data.materialize(cfg.data, cfg.seed)  # the parent wrote the Parquet copy: this reads the manifest
@@ -119,10 +119,9 @@ def child_in_process(root: str, limit: int | None) -> dict[str, Any]:
 
 
 def _read_stage(args: tuple[Any, ...]) -> str:
-    # load_splits reads train.parquet, copies its train/val rows, then reads test.parquet
+    # load_split_rows reads train.parquet, carves train/val as row indices, then reads test.parquet
     split = args[1] if len(args) > 1 else "?"
-    before = "train/val row copies (`load_splits`), then " if split == "test" else ""
-    return f"{before}read {split}.parquet (`_read_parquet_split`)"
+    return f"read {split}.parquet (`_read_parquet_split`)"
 
 
 def _mark_calls(module: Any, name: str, stage: Any, mark: Any, *, before: bool = False) -> None:

@@ -1,7 +1,7 @@
 """The dataset catalog: sources -> Parquet once -> one contiguous tensor per worker -> batches by index.
 
     spec = materialize(cfg.data, seed=cfg.seed)        # on the driver, before any worker starts
-    splits = load_splits(spec, cfg.data, seed=cfg.seed)  # in each worker: {"train": (x, y), "val": ...}
+    splits = load_split_rows(spec, cfg.data, seed=cfg.seed)  # in each worker: {"train": SplitRows, ...}
 
 Every dataset, synthetic or downloaded, is written once to Parquet under `<data.root>/parquet/<key>/`
 with a manifest (shape, classes, normalization stats, row counts, content hash); later runs and every
@@ -37,8 +37,10 @@ __all__ = [
     "DataError",
     "DatasetSpec",
     "Normalize",
+    "SplitRows",
     "augment",
     "batch_indices",
+    "load_split_rows",
     "load_splits",
     "materialize",
     "normalizer",
@@ -402,19 +404,43 @@ def _torchvision_download(name: str, folder: Path) -> None:
 # Loading and batching (worker side)
 
 
-def load_splits(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, Split]:
-    """Read the Parquet files into arrays: train and val (carved from train by `val_fraction`), and test."""
+@dataclass
+class SplitRows:
+    """A split as the arrays of the file it lives in and which of their rows belong to it.
+
+    train and val share the training file's arrays: the carve-out is two index arrays, not copies."""
+
+    x: np.ndarray
+    y: np.ndarray
+    rows: np.ndarray | None  # None: every row, in file order
+
+    def __len__(self) -> int:
+        return len(self.y) if self.rows is None else len(self.rows)
+
+    def arrays(self) -> Split:
+        """The split's own (x, y) (a copy unless it is the whole file)."""
+        return (self.x, self.y) if self.rows is None else (self.x[self.rows], self.y[self.rows])
+
+
+def load_split_rows(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, SplitRows]:
+    """Read the Parquet files once: train and val (carved from train by `val_fraction`), and test."""
     x, y = _read_parquet_split(spec, "train")
     order = np.random.default_rng(seed).permutation(len(y))
     n_val = val_rows(len(y), cfg.val_fraction)
-    splits = {"train": (x[order[n_val:]], y[order[n_val:]])}
+    splits = {"train": SplitRows(x, y, order[n_val:])}
     if n_val:
-        splits["val"] = (x[order[:n_val]], y[order[:n_val]])
+        splits["val"] = SplitRows(x, y, order[:n_val])
     if "test" in spec.rows:
-        splits["test"] = _read_parquet_split(spec, "test")
+        splits["test"] = SplitRows(*_read_parquet_split(spec, "test"), None)
     if cfg.limit:
-        splits = {name: (sx[: cfg.limit], sy[: cfg.limit]) for name, (sx, sy) in splits.items()}
+        for split in splits.values():
+            split.rows = (np.arange(len(split.y)) if split.rows is None else split.rows)[: cfg.limit]
     return splits
+
+
+def load_splits(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, Split]:
+    """Each split as its own (x, y) arrays: for plots and inspection; training uses `load_split_rows`."""
+    return {name: split.arrays() for name, split in load_split_rows(spec, cfg, seed).items()}
 
 
 def val_rows(train_rows: int, val_fraction: float) -> int:

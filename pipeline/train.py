@@ -26,7 +26,17 @@ from torch import nn
 
 from pipeline.checkpoints import LocalSession, RaySession, Session, latest_meta, load_state
 from pipeline.config import ConfigError, ExperimentConfig, OptimConfig, flatten
-from pipeline.data import DatasetSpec, augment, batch_indices, load_splits, materialize, normalizer, shard_indices, val_rows
+from pipeline.data import (
+    DatasetSpec,
+    SplitRows,
+    augment,
+    batch_indices,
+    load_split_rows,
+    materialize,
+    normalizer,
+    shard_indices,
+    val_rows,
+)
 from pipeline.models import model_for, num_outputs
 from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, resolve_store
 
@@ -72,10 +82,19 @@ def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.op
 
 @dataclass
 class Batches:
-    """One split on the device: inputs as stored (uint8 images stay uint8) and targets shaped for the loss."""
+    """One split on the device: the arrays of the file it lives in (inputs as stored, so uint8 images
+    stay uint8; targets shaped for the loss) and which of their rows are this split's."""
 
     x: torch.Tensor
     y: torch.Tensor
+    rows: torch.Tensor | None  # None: every row
+
+    def __len__(self) -> int:
+        return len(self.y) if self.rows is None else len(self.rows)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions within the split -> rows of x and y."""
+        return positions if self.rows is None else self.rows[positions]
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:
@@ -105,7 +124,7 @@ def run_worker(
     """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     device = session.device
-    splits = {name: _to_device(x, y, cfg.loss, device) for name, (x, y) in load_splits(spec, cfg.data, cfg.seed).items()}
+    splits = _to_device(load_split_rows(spec, cfg.data, cfg.seed), cfg.loss, device)
     model = model_for(cfg, spec).to(device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
     start_epoch = 1
@@ -145,11 +164,23 @@ def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device
     return _Preprocess(train=lambda x: augment(normalize(x), cfg.data.augment), eval=normalize)
 
 
-def _to_device(x: np.ndarray, y: np.ndarray, loss: str, device: torch.device) -> Batches:
+def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) -> dict[str, Batches]:
+    """Each file's arrays go to the device once: train and val share the training file's."""
+    tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    batches = {}
+    for name, split in splits.items():
+        if id(split.x) not in tensors:
+            tensors[id(split.x)] = _tensors(split.x, split.y, loss, device)
+        rows = None if split.rows is None else torch.from_numpy(split.rows).to(device)
+        batches[name] = Batches(*tensors[id(split.x)], rows)
+    return batches
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, loss: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
     target = torch.from_numpy(np.require(y, requirements="CW"))
     target = target.long() if loss == "cross_entropy" else target.float().view(-1, 1)
-    return Batches(torch.from_numpy(np.require(x, requirements="CW")).to(device), target.to(device))
+    return torch.from_numpy(np.require(x, requirements="CW")).to(device), target.to(device)
 
 
 def train_epoch(
@@ -166,10 +197,10 @@ def train_epoch(
     """One pass over this rank's part of every global batch; returns the global mean loss and samples/s."""
     model.train()
     use_amp = cfg.train.amp and session.device.type == "cuda"
-    batches = list(batch_indices(len(data.y), cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=cfg.seed))
+    batches = list(batch_indices(len(data), cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=cfg.seed))
     # The epoch's order goes to the device in one copy: one blocking host-to-device copy per step
     # would stall a GPU between steps.
-    indices = torch.from_numpy(np.stack(batches)).to(session.device)
+    indices = data.at(torch.from_numpy(np.stack(batches)).to(session.device))
     loss_sum = torch.zeros((), device=session.device)
     started = last_tick = time.perf_counter()
     for step, idx in enumerate(indices, 1):
@@ -203,7 +234,7 @@ def evaluate(
     # forward could otherwise wait on a buffer broadcast that the other ranks never join.
     net = getattr(model, "module", model)
     net.eval()
-    mine = torch.from_numpy(shard_indices(len(data.y), session.rank, session.world_size)).to(session.device)
+    mine = data.at(torch.from_numpy(shard_indices(len(data), session.rank, session.world_size)).to(session.device))
     sums = torch.zeros(3, device=session.device)  # loss x n, correct (or squared error), n
     for idx in mine.split(max(cfg.data.batch_size, 1024)):
         out, target = net(prep(data.x[idx])).float(), data.y[idx]
