@@ -81,6 +81,12 @@ class DataConfig(_Section):
     num_samples: int = Field(1000, ge=2)
     # Keep only the first N rows of each split: quick dry runs and tests.
     limit: int | None = Field(None, ge=1)
+    # Where batches come from. memory: each worker reads the splits into one tensor and slices batches
+    # by index (the fast path). stream: Ray Data reads the Parquet files as the epoch goes, each worker
+    # its shard (data larger than memory; Ray Train workers only). auto: stream when the training file
+    # holds more than stream_above_mb decoded.
+    loader: Literal["auto", "memory", "stream"] = "auto"
+    stream_above_mb: float = Field(4096, gt=0)
     # The user's own table (data.name=tabular): a CSV or Parquet file and its target column.
     path: str | None = None
     target: str | None = None

@@ -40,15 +40,20 @@ __all__ = [
     "SplitRows",
     "augment",
     "batch_indices",
+    "decoded_mb",
     "load_split_rows",
     "load_splits",
     "materialize",
     "normalizer",
     "shard_indices",
+    "streaming_datasets",
     "val_rows",
 ]
 
 READ_BATCH_ROWS = 2048  # rows per Parquet read: bounds Arrow's scratch memory
+# The layout of the materialized files. 2: a `row` column (each row's index in its file), by which the
+# streaming reader picks the same validation rows as the in-memory one. Older folders are rewritten.
+FORMAT = 2
 Split = tuple[np.ndarray, np.ndarray]  # (features or uint8 images, targets)
 
 # The tutorials' synthetic regression: y = Xw + b + noise.
@@ -75,6 +80,7 @@ class DatasetSpec:
     data_hash: str  # content hash of the Parquet files: the lineage of a trained model
     directory: str  # absolute path of the Parquet folder
     features: tuple[str, ...] = ()  # a table's feature columns, in the model's input order
+    format: int = 1  # FORMAT when written; manifests before it had none
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -108,7 +114,9 @@ def materialize(cfg: DataConfig, seed: int) -> DatasetSpec:
     folder = Path(cfg.root).resolve() / "parquet" / _dataset_key(cfg, seed)
     manifest = folder / "manifest.json"
     if manifest.is_file():  # the folder may have moved since it was written: trust where it is now
-        return DatasetSpec.from_json({**json.loads(manifest.read_text()), "directory": str(folder)})
+        spec = DatasetSpec.from_json({**json.loads(manifest.read_text()), "directory": str(folder)})
+        if spec.format == FORMAT:
+            return spec
     splits, classes, features = _read_source(cfg, seed)
     return _write_parquet(cfg.name, folder, splits, classes, features)
 
@@ -143,7 +151,7 @@ def _write_parquet(
     mean, std = _feature_stats(x_train)
     hashes = {}
     for split, (x, y) in splits.items():
-        table = pa.table({"x": _fixed_size_list(x), "y": pa.array(y)})
+        table = pa.table({"x": _fixed_size_list(x), "y": pa.array(y), "row": pa.array(np.arange(len(y), dtype=np.int64))})
         hashes[split] = _atomic_write(folder / f"{split}.parquet", lambda path, t=table: pq.write_table(t, path))
     spec = DatasetSpec(
         name=name,
@@ -156,6 +164,7 @@ def _write_parquet(
         data_hash=hashlib.sha256("".join(hashes[s] for s in sorted(hashes)).encode()).hexdigest()[:16],
         directory=str(folder),
         features=features,
+        format=FORMAT,
     )
     # The manifest goes last: its presence means every Parquet file is complete.
     _atomic_write(folder / "manifest.json", lambda path: Path(path).write_text(json.dumps(spec.to_json(), indent=2)))
@@ -459,13 +468,55 @@ def _read_parquet_split(spec: DatasetSpec, split: str) -> Split:
     x = np.empty((rows, math.prod(spec.input_shape)), dtype=schema.field("x").type.value_type.to_pandas_dtype())
     y = np.empty(rows, dtype=schema.field("y").type.to_pandas_dtype())
     start = 0
-    for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS):
+    for batch in parquet.iter_batches(batch_size=READ_BATCH_ROWS, columns=["x", "y"]):
         end = start + batch.num_rows
         x[start:end] = batch.column("x").flatten().to_numpy().reshape(batch.num_rows, -1)
         y[start:end] = batch.column("y").to_numpy()
         start = end
     pa.default_memory_pool().release_unused()  # hand the read's scratch memory back to the system
     return x.reshape(rows, *spec.input_shape), y
+
+
+def decoded_mb(spec: DatasetSpec, split: str = "train") -> float:
+    """A split's size in memory, from its Parquet footer (uncompressed bytes): the size the fast path holds."""
+    metadata = pq.ParquetFile(Path(spec.directory) / f"{split}.parquet").metadata
+    return sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)) / 2**20
+
+
+def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
+    """The splits as Ray Data datasets read from the Parquet files, for `TorchTrainer(datasets=...)`.
+
+    Nothing is read here: each worker streams its shard of each epoch. train and val are the rows
+    that `load_split_rows` would pick (the same seeded permutation, matched on the `row` column)."""
+    import ray.data
+
+    directory = Path(spec.directory)
+    n_train = spec.rows["train"]
+    order = np.random.default_rng(seed).permutation(n_train)
+    held_out = np.sort(order[: val_rows(n_train, cfg.val_fraction)])
+    source = ray.data.read_parquet(str(directory / "train.parquet")).select_columns(["x", "y", "row"])
+    # Ray Data hands out blocks in the order their reads finish: shuffle whole blocks, then rows
+    # within a buffer (iter_torch_batches' local shuffle); a global shuffle would move all the data.
+    datasets = {"train": source.randomize_block_order().map_batches(_rows_in(held_out, keep=False), batch_format="numpy")}
+    if len(held_out):
+        datasets["val"] = source.map_batches(_rows_in(held_out, keep=True), batch_format="numpy")
+    if "test" in spec.rows:
+        datasets["test"] = ray.data.read_parquet(str(directory / "test.parquet")).select_columns(["x", "y"])
+    if cfg.limit:
+        datasets = {name: dataset.limit(cfg.limit) for name, dataset in datasets.items()}
+    return datasets
+
+
+def _rows_in(held_out: np.ndarray, keep: bool):
+    """A batch function: keep the rows in `held_out` (sorted), or all the others."""
+
+    def select(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        mask = np.isin(batch["row"], held_out, assume_unique=True)
+        if not keep:
+            mask = ~mask
+        return {"x": batch["x"][mask], "y": batch["y"][mask]}
+
+    return select
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from pipeline.checkpoints import LocalSession, RaySession, Session, latest_meta,
 from pipeline.config import ConfigError, ExperimentConfig, OptimConfig, flatten
 from pipeline.data import (
     DatasetSpec,
+    decoded_mb,
     SplitRows,
     augment,
     batch_indices,
@@ -35,6 +36,7 @@ from pipeline.data import (
     materialize,
     normalizer,
     shard_indices,
+    streaming_datasets,
     val_rows,
 )
 from pipeline.models import model_for, num_outputs
@@ -62,6 +64,7 @@ LOSSES: dict[str, Callable[[], nn.Module]] = {
 }
 
 BATCH_EVENT_INTERVAL_S = 0.5
+EVAL_BATCH = 1024  # evaluation has no gradients to keep: larger batches, fewer steps
 CONTROLLER_POLL_INTERVAL_S = 0.2  # how often rank 0 sends a progress tick; each costs a device sync
 
 
@@ -107,7 +110,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     emit = queue.put_nowait if queue is not None and session.rank == 0 else None
     cfg = ExperimentConfig.model_validate(config["experiment"])
     log_epoch = _epoch_logger(config.get("tracking")) if session.rank == 0 else None  # only rank 0 logs
-    run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch)
+    run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch, streaming=config.get("streaming", False))
 
 
 def _epoch_logger(run: dict[str, Any] | None) -> EmitFn | None:
@@ -115,16 +118,23 @@ def _epoch_logger(run: dict[str, Any] | None) -> EmitFn | None:
 
 
 def run_worker(
-    cfg: ExperimentConfig, spec: DatasetSpec, session: Session, emit: EmitFn | None = None, log_epoch: EmitFn | None = None
+    cfg: ExperimentConfig,
+    spec: DatasetSpec,
+    session: Session,
+    emit: EmitFn | None = None,
+    log_epoch: EmitFn | None = None,
+    *,
+    streaming: bool = False,
 ) -> None:
     """Train from the latest checkpoint (if any) to `train.epochs`, reporting every epoch on every rank.
 
     `log_epoch` (rank 0) records each epoch's metrics before its checkpoint is reported: a failure in
     between repeats the epoch after the restart, and the logger skips what it has already logged.
+    `streaming`: batches from this worker's Ray Data shards (see `streams`), else the in-memory fast path.
     """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     device = session.device
-    splits = _to_device(load_split_rows(spec, cfg.data, cfg.seed), cfg.loss, device)
+    data = Streamed(cfg, spec, session) if streaming else InMemory(cfg, spec, session)
     model = model_for(cfg, spec).to(device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
     start_epoch = 1
@@ -139,11 +149,12 @@ def run_worker(
     loss_fn = LOSSES[cfg.loss]()
     prep = _preprocessor(cfg, spec, device)
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        metrics = {"epoch": epoch, **train_epoch(model, splits["train"], loss_fn, optimizer, prep, cfg, session, epoch, emit)}
-        evaluation = "val" if "val" in splits else "test"
-        metrics.update(evaluate(model, splits[evaluation], loss_fn, prep.eval, cfg, session, prefix="val"))
-        if epoch == cfg.train.epochs and "test" in splits:
-            metrics.update(evaluate(model, splits["test"], loss_fn, prep.eval, cfg, session, prefix="test"))
+        steps, batches = data.train_batches(epoch)
+        metrics = {"epoch": epoch, **train_epoch(model, steps, batches, loss_fn, optimizer, prep, cfg, session, epoch, emit)}
+        evaluation = "val" if "val" in data.splits else "test"
+        metrics.update(evaluate(model, data.eval_batches(evaluation), loss_fn, prep.eval, cfg, session, prefix="val"))
+        if epoch == cfg.train.epochs and "test" in data.splits:
+            metrics.update(evaluate(model, data.eval_batches("test"), loss_fn, prep.eval, cfg, session, prefix="test"))
         state = _checkpoint_state(model, optimizer, epoch, metrics, cfg, spec) if session.rank == 0 else None
         if log_epoch:
             log_epoch(metrics)
@@ -164,28 +175,89 @@ def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device
     return _Preprocess(train=lambda x: augment(normalize(x), cfg.data.augment), eval=normalize)
 
 
+Pair = tuple[torch.Tensor, torch.Tensor]  # one batch on the device: raw inputs, targets shaped for the loss
+
+
+class InMemory:
+    """The fast path: each split on the device as one tensor, batches sliced by index (data.batch_indices)."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session) -> None:
+        self.cfg, self.session = cfg, session
+        self.splits = _to_device(load_split_rows(spec, cfg.data, cfg.seed), cfg.loss, session.device)
+
+    def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
+        """This rank's part of each global batch of the epoch, and how many there are."""
+        data, session = self.splits["train"], self.session
+        batches = list(batch_indices(len(data), self.cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=self.cfg.seed))
+        # The epoch's order goes to the device in one copy: one blocking host-to-device copy per step
+        # would stall a GPU between steps.
+        indices = data.at(torch.from_numpy(np.stack(batches)).to(session.device))
+        return len(indices), ((data.x[idx], data.y[idx]) for idx in indices)
+
+    def eval_batches(self, split: str) -> Iterator[Pair]:
+        """This rank's shard of a split (every world_size-th sample), in large batches."""
+        data, session = self.splits[split], self.session
+        mine = data.at(torch.from_numpy(shard_indices(len(data), session.rank, session.world_size)).to(session.device))
+        return ((data.x[idx], data.y[idx]) for idx in mine.split(max(self.cfg.data.batch_size, EVAL_BATCH)))
+
+
+class Streamed:
+    """The streaming path: this worker's Ray Data shard of each split, read while the epoch runs.
+
+    Ray Train splits each dataset equally across the workers and batches drop their incomplete last
+    one, so every rank runs the same number of steps, as DDP needs."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session) -> None:
+        import ray.train
+
+        self.cfg, self.spec, self.session = cfg, spec, session
+        self.splits = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
+
+    def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
+        rows = self.spec.rows["train"] - val_rows(self.spec.rows["train"], self.cfg.data.val_fraction)
+        rows = min(rows, self.cfg.data.limit or rows)
+        steps = rows // self.session.world_size // self.cfg.data.batch_size  # for the progress display
+        shuffle = {"local_shuffle_buffer_size": max(16 * self.cfg.data.batch_size, 4096), "local_shuffle_seed": self.cfg.seed + epoch}
+        return steps, self._batches("train", self.cfg.data.batch_size, drop_last=True, **shuffle)
+
+    def eval_batches(self, split: str) -> Iterator[Pair]:
+        return self._batches(split, max(self.cfg.data.batch_size, EVAL_BATCH), drop_last=False)
+
+    def _batches(self, split: str, size: int, **options: Any) -> Iterator[Pair]:
+        for batch in self.splits[split].iter_torch_batches(batch_size=size, device=str(self.session.device), **options):
+            yield batch["x"].view(-1, *self.spec.input_shape), _target(batch["y"], self.cfg.loss)
+
+
+def split_names(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
+    """The splits a training uses: train, val (unless val_fraction is 0), test (if the data set has one)."""
+    names = ["train"]
+    if val_rows(spec.rows["train"], cfg.data.val_fraction):
+        names.append("val")
+    return [*names, "test"] if "test" in spec.rows else names
+
+
 def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) -> dict[str, Batches]:
     """Each file's arrays go to the device once: train and val share the training file's."""
     tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     batches = {}
     for name, split in splits.items():
         if id(split.x) not in tensors:
-            tensors[id(split.x)] = _tensors(split.x, split.y, loss, device)
+            # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
+            x = torch.from_numpy(np.require(split.x, requirements="CW")).to(device)
+            tensors[id(split.x)] = x, _target(torch.from_numpy(np.require(split.y, requirements="CW")), loss).to(device)
         rows = None if split.rows is None else torch.from_numpy(split.rows).to(device)
         batches[name] = Batches(*tensors[id(split.x)], rows)
     return batches
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, loss: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
-    target = torch.from_numpy(np.require(y, requirements="CW"))
-    target = target.long() if loss == "cross_entropy" else target.float().view(-1, 1)
-    return torch.from_numpy(np.require(x, requirements="CW")).to(device), target.to(device)
+def _target(y: torch.Tensor, loss: str) -> torch.Tensor:
+    return y.long() if loss == "cross_entropy" else y.float().view(-1, 1)
 
 
 def train_epoch(
     model: nn.Module,
-    data: Batches,
+    steps: int,
+    batches: Iterable[Pair],
     loss_fn: nn.Module,
     optimizer: torch.optim.Optimizer,
     prep: _Preprocess,
@@ -194,35 +266,32 @@ def train_epoch(
     epoch: int,
     emit: EmitFn | None,
 ) -> dict[str, float]:
-    """One pass over this rank's part of every global batch; returns the global mean loss and samples/s."""
+    """One pass over this rank's batches; returns the global mean loss and samples/s (all ranks)."""
     model.train()
     use_amp = cfg.train.amp and session.device.type == "cuda"
-    batches = list(batch_indices(len(data), cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=cfg.seed))
-    # The epoch's order goes to the device in one copy: one blocking host-to-device copy per step
-    # would stall a GPU between steps.
-    indices = data.at(torch.from_numpy(np.stack(batches)).to(session.device))
     loss_sum = torch.zeros((), device=session.device)
+    done = 0
     started = last_tick = time.perf_counter()
-    for step, idx in enumerate(indices, 1):
+    for done, (x, y) in enumerate(batches, 1):
         with torch.autocast(session.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(model(prep.train(data.x[idx])), data.y[idx])
+            loss = loss_fn(model(prep.train(x)), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach()
         if emit and time.perf_counter() - last_tick > BATCH_EVENT_INTERVAL_S:
             last_tick = time.perf_counter()
-            emit({"event": "batch", "epoch": epoch, "step": step, "steps": len(indices), "loss": loss.item()})
-    mean_loss = _all_reduce(loss_sum / len(indices), session) / session.world_size
+            emit({"event": "batch", "epoch": epoch, "step": done, "steps": max(steps, done), "loss": loss.item()})
+    mean_loss = _all_reduce(loss_sum / max(done, 1), session) / session.world_size
     elapsed = time.perf_counter() - started  # the all-reduce above waited for the device to finish
-    samples = len(indices) * cfg.data.batch_size * session.world_size
+    samples = done * cfg.data.batch_size * session.world_size
     return {"train_loss": mean_loss.item(), "samples_per_sec": samples / elapsed}
 
 
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: Batches,
+    batches: Iterable[Pair],
     loss_fn: nn.Module,
     prep: Callable[[torch.Tensor], torch.Tensor],
     cfg: ExperimentConfig,
@@ -234,13 +303,12 @@ def evaluate(
     # forward could otherwise wait on a buffer broadcast that the other ranks never join.
     net = getattr(model, "module", model)
     net.eval()
-    mine = data.at(torch.from_numpy(shard_indices(len(data), session.rank, session.world_size)).to(session.device))
     sums = torch.zeros(3, device=session.device)  # loss x n, correct (or squared error), n
-    for idx in mine.split(max(cfg.data.batch_size, 1024)):
-        out, target = net(prep(data.x[idx])).float(), data.y[idx]
-        sums[0] += loss_fn(out, target) * len(idx)
+    for x, target in batches:
+        out = net(prep(x)).float()
+        sums[0] += loss_fn(out, target) * len(target)
         sums[1] += _correct(out, target, cfg.loss) if cfg.is_classifier else ((out - target) ** 2).sum()
-        sums[2] += len(idx)
+        sums[2] += len(target)
     loss_total, score_total, count = _all_reduce(sums, session).tolist()
     score_name = "accuracy" if cfg.is_classifier else "mse"
     return {f"{prefix}_loss": loss_total / count, f"{prefix}_{score_name}": score_total / count}
@@ -333,7 +401,12 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
         raise ConfigError(f"scaling.runner: in_process trains one worker; scaling.num_workers={cfg.scaling.num_workers} needs runner ray or auto")
     if cfg.scaling.runner == "ray" and cfg.scaling.num_workers == 0:
         raise ConfigError("scaling.runner: ray needs scaling.num_workers >= 1")
-    if runs_in_process(cfg) and "://" in cfg.storage_path:
+    if streams(cfg, spec) and (cfg.scaling.runner == "in_process" or cfg.scaling.num_workers == 0):
+        raise ConfigError(
+            f"data.loader: the data streams through Ray Data (loader {cfg.data.loader}, {decoded_mb(spec):,.0f} MB), which "
+            "needs Ray Train workers: scaling.runner=ray (or auto) and scaling.num_workers >= 1, or data.loader=memory"
+        )
+    if runs_in_process(cfg, spec) and "://" in cfg.storage_path:
         raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs need a local folder (or scaling.runner=ray)")
     if cfg.data.val_fraction == 0 and "test" not in spec.rows:
         raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must be > 0")
@@ -408,7 +481,7 @@ def run_training(
         if on_event:
             on_event(event)
 
-    in_process = runs_in_process(cfg)
+    in_process = runs_in_process(cfg, spec)
     if not in_process:
         ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
     run = _open_tracked_run(store, cfg, spec, fresh, parent_run_id) if store else None
@@ -431,8 +504,9 @@ def _open_tracked_run(
 ) -> TrackedRun:
     tags = {
         "num_workers": str(cfg.scaling.num_workers),
-        "runner": "in_process" if runs_in_process(cfg) else "ray",
-        "device": "cuda" if uses_gpu(cfg, runs_in_process(cfg)) else "cpu",
+        "runner": "in_process" if runs_in_process(cfg, spec) else "ray",
+        "device": "cuda" if uses_gpu(cfg, runs_in_process(cfg, spec)) else "cpu",
+        "loader": "stream" if streams(cfg, spec) else "memory",
     }
     run_dir = f"{storage_uri(cfg)}/{cfg.name}"
     return open_run(store, cfg, spec, run_dir=run_dir, fresh=fresh, tags=tags, parent_run_id=parent_run_id)
@@ -455,12 +529,22 @@ def recording(run: TrackedRun | None) -> Iterator[None]:
         end_run(run, "FINISHED")
 
 
-def runs_in_process(cfg: ExperimentConfig) -> bool:
-    """Train in this process (no worker group): scaling.runner, or for auto one worker on this machine."""
+def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec | None = None) -> bool:
+    """Train in this process (no worker group): scaling.runner, or for auto one worker on this machine
+    (unless the data streams (`spec` given): Ray Data shards are for Ray Train workers)."""
     if cfg.scaling.runner != "auto":
         return cfg.scaling.runner == "in_process"
+    if spec is not None and streams(cfg, spec):
+        return False
     one_local_worker = cfg.scaling.num_workers <= 1 and not os.environ.get("RAY_ADDRESS")
     return cfg.scaling.num_workers == 0 or (one_local_worker and cfg.train.max_failures == 0)
+
+
+def streams(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
+    """Whether batches stream through Ray Data: data.loader, or for auto a training file above the threshold."""
+    if cfg.data.loader != "auto":
+        return cfg.data.loader == "stream"
+    return decoded_mb(spec) > cfg.data.stream_above_mb
 
 
 def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:
@@ -529,6 +613,7 @@ def build_trainer(
     # worker's next report waits for that: epochs shorter than the interval would each last 2 s.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
     use_gpu = uses_gpu(cfg, in_process=False)
+    streaming = streams(cfg, spec)
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -537,7 +622,9 @@ def build_trainer(
             "progress_queue": progress_queue,
             "driver_cwd": os.getcwd(),
             "tracking": tracking.to_json() if tracking else None,
+            "streaming": streaming,
         },
+        datasets=streaming_datasets(spec, cfg.data, cfg.seed) if streaming else None,
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=use_gpu,

@@ -55,6 +55,7 @@ from pipeline.train import (
     run_training,
     run_worker,
     storage_uri,
+    streams,
     uses_gpu,
 )
 
@@ -215,7 +216,7 @@ class _TaggedQueue:
             self.queue.put_nowait({**event, "trial": self.trial})
 
 
-def runs_in_process(cfg: ExperimentConfig) -> bool:
+def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
     """Whether trials train in their own Tune actor (no worker group): the driver decides, once."""
     import os
 
@@ -224,9 +225,12 @@ def runs_in_process(cfg: ExperimentConfig) -> bool:
             f"tune.trial_runner: in_process trains each trial in one process; scaling.num_workers={cfg.scaling.num_workers} "
             f"needs tune.trial_runner=workers (or scaling.num_workers=1)"
         )
+    streaming = streams(cfg, spec)
+    if cfg.tune.trial_runner == "in_process" and streaming:
+        raise ConfigError("tune.trial_runner: in_process cannot stream data (data.loader); use tune.trial_runner=workers or data.loader=memory")
     if cfg.tune.trial_runner != "auto":
         return cfg.tune.trial_runner == "in_process"
-    if cfg.scaling.num_workers > 1:
+    if cfg.scaling.num_workers > 1 or streaming:  # Ray Data shards are for Ray Train workers
         return False
     if not os.environ.get("RAY_ADDRESS"):
         return True  # a local Ray is one node
@@ -292,7 +296,7 @@ def run_search(
     store = resolve_store(cfg.tracking.uri)
     check_store(store)
     _check_search_dir(cfg, resume, fresh)
-    in_process = runs_in_process(cfg)
+    in_process = runs_in_process(cfg, spec)
     ensure_ray(verbose, dashboard=not in_process)
     concurrency = max_concurrent_trials(cfg, in_process)
     tags = {"kind": "search", "scheduler": cfg.tune.scheduler, "search": cfg.tune.search, "trial_runner": "in_process" if in_process else "workers"}

@@ -88,7 +88,8 @@ def ray_local():
     Tune trials on worker groups that ASHA stops early depend on (see pipeline.train.ensure_ray)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    # address="local": a Ray of its own, never a cluster that this machine happens to run (as ensure_ray).
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 
