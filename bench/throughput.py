@@ -13,7 +13,8 @@ pipeline's Parquet copy lands under bench/.data/parquet. Two models, each traine
   preloaded       the whole training set as one normalized float tensor; shuffled index batches
   pipeline        pipeline.train.run_worker with a LocalSession: the project's loop in this process
   Ray ...         pipeline.train.run_training with scaling.num_workers=1 (1 or 2 CPUs per worker) and
-                  num_workers=2 (global throughput)
+                  num_workers=2 (global throughput), from the in-memory tensor (the fast path) and,
+                  "streamed", from Ray Data shards of the same Parquet files (data.loader=stream)
 
 Same model (pipeline.models.build_model from the conf), optimizer (pipeline.train.make_optimizer),
 loss, batch 64 per worker, normalization stats and torch threads everywhere. The CNN runs without its
@@ -28,6 +29,7 @@ training steps only, not the Parquet read or the evaluation that run_worker also
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -82,7 +84,7 @@ def cases(mlp_samples: int, cnn_samples: int) -> list[Case]:
 
 
 def pipeline_conf(
-    case: Case, samples: int, *, workers: int, cpus: int = 1, epochs: int = 1, storage: str = "runs"
+    case: Case, samples: int, *, workers: int, cpus: int = 1, epochs: int = 1, storage: str = "runs", loader: str = "memory"
 ) -> ExperimentConfig:
     """The case's conf on the bench data: one split of exactly `samples` training rows, batch 64."""
     return load_conf(case.conf, [
@@ -97,6 +99,7 @@ def pipeline_conf(
         f"scaling.runner={'ray' if workers else 'in_process'}",  # one worker would train in-process by default
         f"scaling.cpus_per_worker={cpus}",
         f"storage_path={storage}",
+        f"data.loader={loader}",
     ])  # fmt: skip
 
 
@@ -211,10 +214,19 @@ def ray_contenders(case: Case) -> list[tuple[int, Contender]]:
     one = case.samples // BATCH * BATCH
     two = case.samples // (2 * BATCH) * 2 * BATCH  # whole global batches of 2 x 64
     found = []
-    for label, workers, cpus, samples in (("Ray 1 worker", 1, 1, one), ("Ray 1 worker, 2 CPUs", 1, 2, one),
-                                          ("Ray 2 workers", 2, 1, two)):  # fmt: skip
-        cfg = pipeline_conf(case, samples, workers=workers, cpus=cpus, epochs=2)
-        how = f"run_training, 2nd epoch, global batch {BATCH * workers}; {cpus} CPU (torch thread) per worker"
+    for label, workers, cpus, samples, loader in (
+        ("Ray 1 worker", 1, 1, one, "memory"),
+        ("Ray 1 worker, 2 CPUs", 1, 2, one, "memory"),
+        ("Ray 2 workers", 2, 1, two, "memory"),
+        ("Ray 1 worker, streamed", 1, 1, one, "stream"),
+        ("Ray 2 workers, streamed", 2, 1, two, "stream"),
+    ):
+        if loader == "stream" and workers * cpus >= os.cpu_count():
+            print(f"  (skipped {label}: Ray Data's read tasks need a CPU beside the workers; this machine has {os.cpu_count()})")
+            continue
+        cfg = pipeline_conf(case, samples, workers=workers, cpus=cpus, epochs=2, loader=loader)
+        feed = "Ray Data shards (data.loader=stream)" if loader == "stream" else "in-memory tensor"
+        how = f"run_training, 2nd epoch, global batch {BATCH * workers}; {cpus} CPU (torch thread) per worker; {feed}"
         found.append((samples, (f"pipeline {label}", how, lambda cfg=cfg: pipeline_on_ray(cfg))))
     return found
 

@@ -484,6 +484,7 @@ def run_training(
     in_process = runs_in_process(cfg, spec)
     if not in_process:
         ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
+        check_stream_fits(cfg, spec)
     run = _open_tracked_run(store, cfg, spec, fresh, parent_run_id) if store else None
     with recording(run):
         if in_process:
@@ -545,6 +546,23 @@ def streams(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
     if cfg.data.loader != "auto":
         return cfg.data.loader == "stream"
     return decoded_mb(spec) > cfg.data.stream_above_mb
+
+
+def check_stream_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
+    """On a local Ray, streaming needs a CPU beside the workers for Ray Data's read tasks, or it waits forever.
+
+    Not checked on a cluster (RAY_ADDRESS): an autoscaling one adds nodes when asked."""
+    import ray
+
+    if not streams(cfg, spec) or os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    if total - workers < 1:
+        raise ConfigError(
+            f"data.loader: streaming reads the data in Ray Data tasks, which need a CPU beside the workers; this Ray has "
+            f"{total:.0f} CPUs and the workers take {workers}: use fewer workers (scaling.num_workers) or data.loader=memory"
+        )
 
 
 def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:

@@ -47,6 +47,7 @@ from pipeline.train import (
     EmitFn,
     EpochLogger,
     build_trainer,
+    check_stream_fits,
     ensure_ray,
     epoch_metrics,
     event_pump,
@@ -298,6 +299,7 @@ def run_search(
     _check_search_dir(cfg, resume, fresh)
     in_process = runs_in_process(cfg, spec)
     ensure_ray(verbose, dashboard=not in_process)
+    check_stream_fits(cfg, spec)
     concurrency = max_concurrent_trials(cfg, in_process)
     tags = {"kind": "search", "scheduler": cfg.tune.scheduler, "search": cfg.tune.search, "trial_runner": "in_process" if in_process else "workers"}
     parent = open_run(store, cfg, spec, run_dir=search_dir(cfg), fresh=not resume, tags=tags)

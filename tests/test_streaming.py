@@ -49,3 +49,13 @@ def test_two_workers_train_on_streamed_shards(ray_local, tmp_path: Path) -> None
     assert [m["epoch"] for m in result.history] == [1, 2, 3]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.metrics["val_accuracy"] > 0.8  # the circles are learnable: the batches are real data
+
+
+def test_streaming_without_a_cpu_for_ray_data_is_refused_before_any_run(ray_local, tmp_path: Path, tracking_store: str) -> None:
+    # ray_local has 4 CPUs: 4 workers leave none for Ray Data's read tasks, and the run would wait forever.
+    from mlflow import MlflowClient
+
+    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.loader=stream", "scaling.num_workers=4", "name=stream_no_cpu"]
+    with pytest.raises(ConfigError, match=r"this Ray has 4 CPUs and the workers take 4"):
+        run_training(load_config(CONF_DIR / "circles_classifier.yaml", overrides))
+    assert MlflowClient(tracking_store).get_experiment_by_name("stream_no_cpu") is None
