@@ -120,12 +120,18 @@ def _requirements() -> list[str]:
 def _crown(
     mlflow_client: MlflowClient, name: str, version: str, metric: str, mode: str, value: float
 ) -> tuple[str, float | None]:
-    """Give the new version `champion` if it strictly beats the current one, else `challenger`."""
+    """Give the new version `champion` if it strictly beats the current one, else `challenger`.
+
+    The registry has no transactions: another registration of the same name may move the alias between
+    this read and this write. So every registration then settles the champion on the best version it
+    can see, and the last one to finish has seen them all."""
     champion = _version_by_alias(mlflow_client, name, CHAMPION)
     champion_value = _metric_of(mlflow_client, champion, metric) if champion else None
-    wins = champion_value is None or (value > champion_value if mode == "max" else value < champion_value)
-    alias = CHAMPION if wins else CHALLENGER
-    mlflow_client.set_registered_model_alias(name, alias, version)
+    wins = champion_value is None or _better(value, champion_value, mode)
+    mlflow_client.set_registered_model_alias(name, CHAMPION if wins else CHALLENGER, version)
+    alias = CHAMPION if _settle_champion(mlflow_client, name, metric, mode) == str(version) else CHALLENGER
+    if wins and alias == CHALLENGER:  # a better version registered meanwhile took the champion
+        mlflow_client.set_registered_model_alias(name, CHALLENGER, version)
     decision = {
         "decision": alias,
         "champion_metric_value": "none" if champion_value is None else repr(champion_value),
@@ -134,6 +140,38 @@ def _crown(
     for key, text in decision.items():
         mlflow_client.set_model_version_tag(name, version, key, text)
     return alias, champion_value
+
+
+def _better(value: float, than: float, mode: str) -> bool:
+    return value > than if mode == "max" else value < than
+
+
+def _settle_champion(mlflow_client: MlflowClient, name: str, metric: str, mode: str, attempts: int = 5) -> str | None:
+    """Move `champion` to the best version ranked by `metric` (the current holder keeps it on a tie); its version."""
+    holder = None
+    for _ in range(attempts):
+        ranked = _ranked_versions(mlflow_client, name, metric)
+        champion = _version_by_alias(mlflow_client, name, CHAMPION)
+        holder = str(champion.version) if champion else None
+        if not ranked:
+            return holder
+        best_value = max(ranked.values()) if mode == "max" else min(ranked.values())
+        if holder in ranked and not _better(best_value, ranked[holder], mode):
+            return holder
+        best = min((v for v, x in ranked.items() if x == best_value), key=int)  # the earliest of equals
+        mlflow_client.set_registered_model_alias(name, CHAMPION, best)
+    return holder
+
+
+def _ranked_versions(mlflow_client: MlflowClient, name: str, metric: str) -> dict[str, float]:
+    """Version -> its recorded value of `metric`, for the versions registered by that metric."""
+    ranked = {}
+    for found in mlflow_client.search_model_versions(f"name = '{name}'"):
+        if found.tags.get("metric") == metric and "metric_value" in found.tags:
+            value = float(found.tags["metric_value"])
+            if not math.isnan(value):
+                ranked[str(found.version)] = value  # str: stores differ in what they return
+    return ranked
 
 
 def _version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> Any:

@@ -1,0 +1,96 @@
+"""Faults, caused for real: a training worker SIGKILLed mid-epoch, registrations of one model racing.
+
+docs/RELIABILITY.md lists each fault, what the pipeline does, and the test here that shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import CONF_DIR, REPO
+
+
+def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--output", "json"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _train_workers(root: int) -> list[int]:
+    """The Ray Train worker processes under `root` (a `pipeline` process and the local Ray it started)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                title = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if title.startswith(b"ray::RayTrainWorker"):
+                found.append(child)
+    return found
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(tmp_path: Path) -> None:
+    epochs = 6
+    run = _pipeline("train", str(CONF_DIR / "linear_regression.yaml"), "name=worker_kill", f"storage_path={tmp_path}",
+                    f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "scaling.num_workers=2",
+                    "train.max_failures=1")  # fmt: skip
+    run_dir = tmp_path / "worker_kill"
+    deadline = time.monotonic() + 240
+    while not (run_dir / "checkpoint_epoch=0002").exists():  # then epoch 3 is under way
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.05)
+    workers = _train_workers(run.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)  # one of the two, as when its node goes away
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["metrics"]["epoch"] == epochs
+    # One MLflow run, each epoch in it once (the epoch the kill interrupted ran again, logged once).
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    (found,) = client.search_runs([client.get_experiment_by_name("worker_kill").experiment_id])
+    assert found.info.run_id == summary["mlflow_run_id"] and found.info.status == "FINISHED"
+    for key in ("epoch", "train_loss", "val_mse"):
+        assert sorted(int(m.step) for m in client.get_metric_history(found.info.run_id, key)) == list(range(1, epochs + 1))
+    assert [str(v.version) for v in client.search_model_versions("name = 'worker_kill'")] == ["1"]
+
+
+@pytest.mark.slow
+def test_concurrent_registrations_leave_every_version_and_the_best_as_champion(mlflow_server: str, tmp_path: Path) -> None:
+    # Three trainings at once, registering under one name, each with its own learning rate (so their
+    # val_mse differ; which is best does not matter: the best must end as champion).
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    runs = [
+        _pipeline("train", str(CONF_DIR / "linear_regression.yaml"), f"name=race{i}", "tracking.register_as=race",
+                  f"optim.lr={lr}", f"storage_path={tmp_path}", f"data.root={tmp_path / 'data'}", env=env)
+        for i, lr in enumerate((0.003, 0.03, 0.01))
+    ]  # fmt: skip
+    results = [run.communicate(timeout=300) for run in runs]
+    for run, (_, err) in zip(runs, results):
+        assert run.returncode == 0, err[-3000:]
+    registrations = [json.loads(out.strip().splitlines()[-1])["registration"] for out, _ in results]
+    client = MlflowClient(mlflow_server)
+    versions = client.search_model_versions("name = 'race'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]
+    best = min(registrations, key=lambda r: r["value"])
+    assert len({r["value"] for r in registrations}) == 3  # no tie: the champion is determined
+    assert client.get_model_version_by_alias("race", "champion").version == best["version"]
+    assert all(v.tags["decision"] in ("champion", "challenger") for v in versions)
