@@ -9,9 +9,11 @@ The training loop in train.py talks to a `Session` only, so one loop serves two 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "CheckpointError",
     "LocalSession",
     "RaySession",
     "Session",
@@ -33,15 +36,31 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or whose state file does not match its recorded checksum."""
+
+
 def checkpoint_dir_name(epoch: int) -> str:
     return f"checkpoint_epoch={epoch:04d}"
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
-    """Weights, optimizer, epoch, metrics and the configs that rebuild the model, plus a readable summary."""
+    """Weights, optimizer, epoch, metrics and the configs that rebuild the model, plus a readable summary.
+
+    The summary is written last and carries the state file's SHA-256: it marks the checkpoint complete,
+    and a truncated or altered state file is caught when the checkpoint is loaded."""
     torch.save(state, directory / STATE_FILE)
     summary = {key: state[key] for key in ("epoch", "metrics", "architecture")}
+    summary["sha256"] = _sha256(directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(summary))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def latest_meta(run_dir: Path) -> dict[str, Any] | None:
@@ -51,8 +70,32 @@ def latest_meta(run_dir: Path) -> dict[str, Any] | None:
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    # weights_only: a checkpoint holds tensors and plain containers, never code to run.
-    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+    """A checkpoint's state, verified against the checksum in its summary; CheckpointError names what is wrong."""
+    directory = Path(directory)
+    state_file, meta_file = directory / STATE_FILE, directory / META_FILE
+    if not state_file.is_file() or not meta_file.is_file():
+        raise CheckpointError(f"checkpoint {directory}: incomplete, {STATE_FILE} or {META_FILE} is missing")
+    try:
+        expected = json.loads(meta_file.read_text()).get("sha256")  # absent in checkpoints from before checksums
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not valid JSON") from None
+    if expected and _sha256(state_file) != expected:
+        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} does not match its checksum (truncated or altered)")
+    try:
+        # weights_only: a checkpoint holds tensors and plain containers, never code to run.
+        return torch.load(state_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} cannot be read: {type(err).__name__}: {err}") from None
+
+
+def restore_newest(candidates: list[Path]) -> dict[str, Any] | None:
+    """The state of the newest checkpoint that loads (candidates oldest first); damaged ones are named on stderr."""
+    for directory in reversed(candidates):
+        try:
+            return load_state(directory)
+        except CheckpointError as err:
+            print(f"warning: {err}; resuming from the checkpoint before it", file=sys.stderr, flush=True)
+    return None
 
 
 class Session(Protocol):
@@ -90,8 +133,14 @@ class RaySession:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        with checkpoint.as_directory() as directory:
-            return load_state(Path(directory))
+        # Ray hands out the latest checkpoint only; the older ones beside it are the fallback.
+        for candidate in [checkpoint, *_older_siblings(checkpoint)]:
+            with candidate.as_directory() as directory:
+                try:
+                    return load_state(Path(directory))
+                except CheckpointError as err:
+                    print(f"warning: {err} ({candidate.path}); trying the checkpoint before it", file=sys.stderr, flush=True)
+        return None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         import ray.train
@@ -103,6 +152,17 @@ class RaySession:
             save_state(Path(tmp), state)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(state["epoch"]))
+
+
+def _older_siblings(checkpoint: Any) -> list[Any]:
+    """The checkpoints next to `checkpoint` in its run folder with a lower epoch, newest first."""
+    import pyarrow.fs
+    import ray.train
+
+    parent, _, name = checkpoint.path.rstrip("/").rpartition("/")
+    entries = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    older = sorted((e.path for e in entries if e.base_name.startswith("checkpoint_epoch=") and e.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(path, filesystem=checkpoint.filesystem) for path in older]
 
 
 class LocalSession:
@@ -129,8 +189,7 @@ class LocalSession:
         return ranked[0] if ranked else None
 
     def restore(self) -> dict[str, Any] | None:
-        found = self.checkpoints()
-        return load_state(found[-1]) if found else None
+        return restore_newest(self.checkpoints())
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         self.last_metrics = metrics

@@ -103,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def _bad_input_errors() -> tuple[type[ValueError], ...]:
     errors: list[type[ValueError]] = [ConfigError]
-    for module, name in (("pipeline.data", "DataError"), ("pipeline.cluster", "JobError"), ("pipeline.registry", "RegistryError"), ("pipeline.serving", "InputError")):
+    for module, name in (
+        ("pipeline.data", "DataError"),
+        ("pipeline.cluster", "JobError"),
+        ("pipeline.checkpoints", "CheckpointError"),
+        ("pipeline.registry", "RegistryError"),
+        ("pipeline.serving", "InputError"),
+    ):
         if module in sys.modules:  # only errors of modules in use: no heavy import just to compare
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)

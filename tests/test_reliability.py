@@ -94,3 +94,21 @@ def test_concurrent_registrations_leave_every_version_and_the_best_as_champion(m
     assert len({r["value"] for r in registrations}) == 3  # no tie: the champion is determined
     assert client.get_model_version_by_alias("race", "champion").version == best["version"]
     assert all(v.tags["decision"] in ("champion", "challenger") for v in versions)
+
+
+@pytest.mark.parametrize("runner", ["in_process", pytest.param("ray", marks=pytest.mark.slow)])
+def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_it_resumes(runner: str, ray_local, tmp_path: Path) -> None:
+    from pipeline.checkpoints import CheckpointError
+    from pipeline.config import load_config
+    from pipeline.train import load_checkpoint, run_training
+
+    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", f"scaling.runner={runner}", "train.checkpoints_to_keep=5",
+                 f"name=corrupt_{runner}"]  # fmt: skip
+    run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=3"]), track=False)
+    latest = tmp_path / f"corrupt_{runner}" / "checkpoint_epoch=0003"
+    state = latest / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a full disk
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint_epoch=0003: state.pt does not match its checksum"):
+        load_checkpoint(latest)
+    resumed = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=5"]), track=False)
+    assert [m["epoch"] for m in resumed.history] == [3, 4, 5]  # from epoch 2's checkpoint: epoch 3 again
