@@ -250,11 +250,20 @@ def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, .
     if bad or not features:
         raise DataError(f"{path}: feature columns must be numeric; not numeric: {bad or '(no feature columns)'}")
     x = np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in features]).astype(np.float32)
-    if np.isnan(x).any():
-        raise DataError(f"{path}: feature columns contain NaN or empty values; clean or impute them first")
+    if not np.isfinite(x).all():
+        columns = [c for c, finite in zip(features, np.isfinite(x).all(axis=0)) if not finite]
+        row = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0])
+        raise DataError(f"{path}: feature columns contain NaN, infinite or empty values ({columns}, first in data row "
+                        f"{row + 1}); clean or impute them first")  # fmt: skip
     y_col = table[target]
+    if y_col.null_count:
+        raise DataError(f"{path}: the target column {target!r} holds {y_col.null_count} empty or NaN values; drop those rows first")
     if pa.types.is_floating(y_col.type):
-        return {"train": (x, y_col.to_numpy(zero_copy_only=False).astype(np.float32))}, (), tuple(features)
+        y = y_col.to_numpy(zero_copy_only=False).astype(np.float32)
+        if not np.isfinite(y).all():
+            raise DataError(f"{path}: the target column {target!r} holds NaN or infinite values (first in data row "
+                            f"{int(np.flatnonzero(~np.isfinite(y))[0]) + 1}); drop or fix those rows first")  # fmt: skip
+        return {"train": (x, y)}, (), tuple(features)
     # Integer labels keep their numeric order (class 2 before class 10); others sort as text.
     values = y_col.to_numpy(zero_copy_only=False)
     labels = values if pa.types.is_integer(y_col.type) else values.astype(str)

@@ -576,7 +576,7 @@ def test_nan_in_the_features_is_a_data_error(tmp_path: Path, rows: str) -> None:
     csv = tmp_path / "t.csv"
     csv.write_text(f"a,b,label\n{rows}\n")
 
-    with pytest.raises(DataError, match="feature columns contain NaN or empty values"):
+    with pytest.raises(DataError, match=r"feature columns contain NaN, infinite or empty values \(\[.(a|b).\], first in data row 2\)"):
         materialize(tabular(csv, "label", tmp_path), seed=0)
 
 

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -112,3 +113,55 @@ def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_it_resumes(runn
         load_checkpoint(latest)
     resumed = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=5"]), track=False)
     assert [m["epoch"] for m in resumed.history] == [3, 4, 5]  # from epoch 2's checkpoint: epoch 3 again
+
+
+def _table(text: str):
+    def write(root: Path) -> list[str]:
+        (root / "table.csv").write_text(text)
+        return ["data.name=tabular", f"data.path={root / 'table.csv'}"]
+
+    return write
+
+
+def _mnist(damage):
+    def write(root: Path) -> list[str]:
+        from tests.formats import write_mnist_like
+
+        write_mnist_like(root, "MNIST", n_train=120, n_test=40)
+        damage(root / "MNIST" / "raw")
+        return ["data.name=mnist", f"data.root={root}", "data.download=false", "loss=cross_entropy", "model.name=mlp"]
+
+    return write
+
+
+def _truncate(raw: Path) -> None:
+    images = raw / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+
+
+def _drop_labels(raw: Path) -> None:
+    from tests.formats import write_idx
+
+    write_idx(raw / "train-labels-idx1-ubyte", np.zeros(7, dtype=np.uint8))  # 7 labels for 120 images
+
+
+@pytest.mark.parametrize(
+    ("data", "extra", "message"),
+    [
+        (_table("a,b\n1,2\n3,4\n"), ["data.target=label"], "data.target: column 'label' is not in"),
+        (_table("a,y\n1,2.0\n3,nan\n"), ["data.target=y"], "the target column 'y' holds 1 empty or NaN values"),
+        (_table("a,y\n1,2.0\ninf,3.0\n"), ["data.target=y"], "feature columns contain NaN, infinite or empty values (['a']"),
+        (_mnist(_truncate), [], "truncated"),
+        (_mnist(_drop_labels), [], "they must pair up"),
+    ],
+    ids=["csv-without-target", "nan-target", "infinite-feature", "truncated-idx", "mismatched-idx"],
+)
+def test_malformed_data_exits_2_and_leaves_no_run_or_version(data, extra: list[str], message: str, tmp_path: Path, tracking_store: str) -> None:
+    name = f"malformed_{tmp_path.name}"[:60]
+    args = ["train", str(CONF_DIR / "linear_regression.yaml"), f"name={name}", f"storage_path={tmp_path}", *data(tmp_path), *extra]
+    done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert message in done.stderr and "Traceback" not in done.stderr
+    client = MlflowClient(tracking_store)
+    assert client.get_experiment_by_name(name) is None
+    assert client.search_registered_models(f"name = '{name}'") == []
