@@ -81,6 +81,8 @@ def _cluster_command(commands: argparse._SubParsersAction, name: str, text: str)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # MLflow prints each run's URL with the tracking URI as given, credentials included: never.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not args.verbose:
         _quiet_libraries()
     commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "submit": _submit, "jobs": _jobs}

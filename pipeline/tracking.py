@@ -14,6 +14,7 @@ continues the same MLflow run, and an epoch already logged is not logged again.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline.config import ConfigError, ExperimentConfig, config_hash, flatten
 
@@ -123,7 +124,7 @@ def check_store(store: Store) -> None:
     where = f"{store.source}={redact(store.uri)}" if store.source != "default" else redact(store.uri)
     if store.is_server:
         try:
-            urllib.request.urlopen(f"{store.uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S).close()
+            urllib.request.urlopen(_health_request(store.uri), timeout=HEALTH_TIMEOUT_S).close()
         except urllib.error.HTTPError:
             return  # it answered: a server is there (it may want credentials on other paths)
         except (urllib.error.URLError, OSError) as err:
@@ -136,6 +137,17 @@ def check_store(store: Store) -> None:
         folder = Path(store.uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise ConfigError(f"tracking: the folder of the SQLite store {where} does not exist; create {folder} or fix the URI")
+
+
+def _health_request(uri: str) -> urllib.request.Request:
+    """GET <server>/health; credentials in the URI become a Basic auth header (urllib takes none in the host)."""
+    parts = urlsplit(uri.rstrip("/"))
+    plain = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
+    request = urllib.request.Request(f"{plain}/health")
+    if parts.username is not None:
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    return request
 
 
 def git_commit() -> str:
@@ -174,6 +186,10 @@ def safe_params(cfg: ExperimentConfig) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Runs
+
+
+# MLflow's log_batch takes at most 1,000 metrics per call.
+LOG_BATCH_LIMIT = 1000
 
 
 @dataclass(frozen=True)
@@ -287,24 +303,53 @@ def end_run(run: TrackedRun, status: str) -> None:
 
 
 class EpochLogger:
-    """Rank 0's per-epoch metrics, step = epoch, each epoch once: after a worker restart the epochs
-    logged before the failure are skipped (the run resumes from a checkpoint at or before them)."""
+    """Rank 0's per-epoch metrics, step = epoch, each epoch once.
+
+    It is given the whole history of the run's epochs (carried in every checkpoint) and logs those the
+    MLflow run lacks: after a worker restart the epochs logged before it are skipped, and epochs that
+    could not be logged (the server away) are logged when it answers again, even by a later process
+    that resumed from the checkpoint. While the server is away, training goes on: one warning, then a
+    new attempt every RETRY_AFTER_S, not a stalled epoch per attempt."""
+
+    RETRY_AFTER_S = 30.0
 
     def __init__(self, run: TrackedRun) -> None:
+        # A down server fails fast in this process (rank 0 logs nothing else): 3 tries over ~7 s, not
+        # MLflow's default of 7 tries over minutes per call.
+        for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                            ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):  # fmt: skip
+            os.environ.setdefault(name, value)
         self.client = client(run.uri)
+        self.uri = run.uri
         self.run_id = run.run_id
-        self.logged = {int(m.step) for m in self.client.get_metric_history(run.run_id, "epoch")}
+        self.logged: set[int] | None = None  # read from the run on the first successful call
+        self.retry_at = 0.0
+        self.warned = False
 
-    def __call__(self, metrics: dict[str, Any]) -> None:
+    def __call__(self, history: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
-        epoch = int(metrics["epoch"])
-        if epoch in self.logged:
+        if time.monotonic() < self.retry_at:
             return
-        now = int(time.time() * 1000)
-        values = [Metric(key, float(value), now, epoch) for key, value in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=values)  # one call: an epoch is logged whole or not at all
-        self.logged.add(epoch)
+        try:
+            if self.logged is None:
+                self.logged = {int(m.step) for m in self.client.get_metric_history(self.run_id, "epoch")}
+            pending = [m for m in history if int(m["epoch"]) not in self.logged]
+            now = int(time.time() * 1000)
+            values = [Metric(key, float(value), now, int(m["epoch"])) for m in pending for key, value in m.items()]
+            for start in range(0, len(values), LOG_BATCH_LIMIT):  # one call per epoch or so: logged whole
+                self.client.log_batch(self.run_id, metrics=values[start : start + LOG_BATCH_LIMIT])
+        except Exception as err:  # noqa: BLE001 - any failure to reach the server: keep training, retry later
+            self.retry_at = time.monotonic() + self.RETRY_AFTER_S
+            if not self.warned:
+                print(f"warning: MLflow at {redact(self.uri)} is not answering ({type(err).__name__}); training goes on, "
+                      "and the epochs' metrics are kept in the checkpoints and logged when it answers", file=sys.stderr, flush=True)  # fmt: skip
+                self.warned = True
+            return
+        self.logged.update(int(m["epoch"]) for m in pending)
+        if self.warned and pending:
+            print(f"MLflow at {redact(self.uri)} answers again: {len(pending)} epochs logged", file=sys.stderr, flush=True)
+            self.warned = False
 
 
 def metric_history(run: TrackedRun, keys: list[str]) -> dict[str, list[tuple[int, float]]]:

@@ -54,6 +54,7 @@ __all__ = [
 
 Event = dict[str, Any]
 EmitFn = Callable[[Event], None]
+LogFn = Callable[[list[dict[str, Any]]], None]  # records the epochs of a history that are not yet recorded
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "mse": nn.MSELoss,
@@ -113,7 +114,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch, streaming=config.get("streaming", False))
 
 
-def _epoch_logger(run: dict[str, Any] | None) -> EmitFn | None:
+def _epoch_logger(run: dict[str, Any] | None) -> LogFn | None:
     return EpochLogger(TrackedRun.from_json(run)) if run else None
 
 
@@ -122,14 +123,15 @@ def run_worker(
     spec: DatasetSpec,
     session: Session,
     emit: EmitFn | None = None,
-    log_epoch: EmitFn | None = None,
+    log_epoch: LogFn | None = None,
     *,
     streaming: bool = False,
 ) -> None:
     """Train from the latest checkpoint (if any) to `train.epochs`, reporting every epoch on every rank.
 
-    `log_epoch` (rank 0) records each epoch's metrics before its checkpoint is reported: a failure in
-    between repeats the epoch after the restart, and the logger skips what it has already logged.
+    `log_epoch` (rank 0) is given the run's history of epoch metrics before each checkpoint is reported
+    and records the epochs not yet recorded: a failure in between repeats the epoch after the restart,
+    and epochs it could not record (tracking away) are recorded later from the checkpoint's history.
     `streaming`: batches from this worker's Ray Data shards (see `streams`), else the in-memory fast path.
     """
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -137,12 +139,15 @@ def run_worker(
     data = Streamed(cfg, spec, session) if streaming else InMemory(cfg, spec, session)
     model = model_for(cfg, spec).to(device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
-    start_epoch = 1
+    start_epoch, history = 1, []  # history: every epoch's metrics so far, carried in each checkpoint
     if (state := session.restore()) is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
-        if start_epoch > cfg.train.epochs:  # already finished: report the final metrics once more
+        history = [m for m in state.get("history", []) if m["epoch"] <= state["epoch"]]
+        if start_epoch > cfg.train.epochs:  # already finished: log what the tracking lacks, report once more
+            if log_epoch:
+                log_epoch(history or [state["metrics"]])
             session.report(state["metrics"], None)
             return
     model = session.wrap(model)
@@ -155,9 +160,10 @@ def run_worker(
         metrics.update(evaluate(model, data.eval_batches(evaluation), loss_fn, prep.eval, cfg, session, prefix="val"))
         if epoch == cfg.train.epochs and "test" in data.splits:
             metrics.update(evaluate(model, data.eval_batches("test"), loss_fn, prep.eval, cfg, session, prefix="test"))
-        state = _checkpoint_state(model, optimizer, epoch, metrics, cfg, spec) if session.rank == 0 else None
+        history.append(metrics)
+        state = _checkpoint_state(model, optimizer, history, cfg, spec) if session.rank == 0 else None
         if log_epoch:
-            log_epoch(metrics)
+            log_epoch(history)
         if emit:  # before the report: a Tune scheduler may stop the trial as soon as it has the result
             emit({"event": "epoch", "metrics": metrics})
         session.report(metrics, state)
@@ -327,14 +333,15 @@ def _all_reduce(value: torch.Tensor, session: Session) -> torch.Tensor:
 
 
 def _checkpoint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, metrics: dict, cfg: ExperimentConfig, spec: DatasetSpec
+    model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict], cfg: ExperimentConfig, spec: DatasetSpec
 ) -> dict[str, Any]:
     net = getattr(model, "module", model)  # never the DDP wrapper
     return {
-        "epoch": epoch,
+        "epoch": history[-1]["epoch"],
         "model": net.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "metrics": metrics,
+        "metrics": history[-1],
+        "history": list(history),  # every epoch's metrics: what the MLflow run lacks is logged from it
         "experiment": cfg.model_dump(mode="json"),  # with the dataset spec: enough to rebuild the model
         "dataset": spec.to_json(),
         "architecture": architecture(cfg),
@@ -492,12 +499,32 @@ def run_training(
         else:
             result = _run_on_ray(cfg, spec, collect, history, run)
         if run is not None and result.checkpoint is not None:
-            from pipeline.reporting import report_run
-
             result.mlflow_run_id = run.run_id
-            registration = report_run(run, cfg, result.checkpoint, register=register)
-            result.registration = registration.summary() if registration else None
+            result.registration = _report(run, store, cfg, result.checkpoint, register)
     return result
+
+
+def _report(run: TrackedRun, store: Store, cfg: ExperimentConfig, checkpoint: str, register: bool) -> dict[str, Any] | None:
+    """Artifacts and registration at the end of a run; a tracking server that went away is said plainly."""
+    from pipeline.reporting import report_run
+
+    try:
+        registration = report_run(run, cfg, checkpoint, register=register)
+    except Exception as err:
+        try:
+            check_store(store)
+        except ConfigError:
+            raise TrackingUnavailable(
+                f"the MLflow server went away before the end of the run ({type(err).__name__}); the training finished and "
+                f"its checkpoints are in {storage_uri(cfg)}/{cfg.name}: run the same command again when the server "
+                "answers, and it logs what is missing and registers the model without training again"
+            ) from err
+        raise
+    return registration.summary() if registration else None
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server stopped answering during a run; the checkpoints are safe, a re-run completes it."""
 
 
 def _open_tracked_run(
@@ -520,14 +547,22 @@ def recording(run: TrackedRun | None) -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         if run:
-            end_run(run, "KILLED")
+            _end_quietly(run, "KILLED")
         raise
     except BaseException:
         if run:
-            end_run(run, "FAILED")
+            _end_quietly(run, "FAILED")
         raise
     if run:
         end_run(run, "FINISHED")
+
+
+def _end_quietly(run: TrackedRun, status: str) -> None:
+    """Mark a failed run, unless the server is what failed: the original error is the one to see."""
+    try:
+        end_run(run, status)
+    except Exception:  # noqa: BLE001, S110 - the run stays RUNNING; a re-run of the command finds and finishes it
+        pass
 
 
 def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec | None = None) -> bool:
@@ -730,7 +765,7 @@ class TrainingError(RuntimeError):
 
 def training_failure(err: BaseException) -> str | None:
     """A one-line account of a failed training (the worker's own error), or None if it is not one."""
-    if isinstance(err, TrainingError):
+    if isinstance(err, (TrainingError, TrackingUnavailable)):
         return str(err)
     from ray.train import TrainingFailedError
 

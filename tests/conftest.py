@@ -58,19 +58,27 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 90) ->
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` on 127.0.0.1 with a SQLite backend and served artifacts in a temp folder."""
-    root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), port)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_group(server)
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port, its store and artifacts in `root` (the same root: the same runs)."""
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
     ]  # fmt: skip
     server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{url}/health", server)
-        yield url
-    finally:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server)
+    except BaseException:
         stop_group(server)
+        raise
+    return server
 
 
 def stop_group(process: subprocess.Popen) -> None:

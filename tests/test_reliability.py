@@ -25,8 +25,9 @@ def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
-def _train_workers(root: int) -> list[int]:
-    """The Ray Train worker processes under `root` (a `pipeline` process and the local Ray it started)."""
+def _ray_processes(root: int, title: bytes = b"ray::RayTrainWorker") -> list[int]:
+    """The Ray processes under `root` (a `pipeline` process and the local Ray it started) whose title starts
+    with `title`: Ray Train's workers by default."""
     children: dict[int, list[int]] = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -39,10 +40,10 @@ def _train_workers(root: int) -> list[int]:
         for child in children.get(todo.pop(), []):
             todo.append(child)
             try:
-                title = Path(f"/proc/{child}/cmdline").read_bytes()
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
-            if title.startswith(b"ray::RayTrainWorker"):
+            if cmdline.startswith(title):
                 found.append(child)
     return found
 
@@ -58,7 +59,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(tmp_path: Pa
     while not (run_dir / "checkpoint_epoch=0002").exists():  # then epoch 3 is under way
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
-    workers = _train_workers(run.pid)
+    workers = _ray_processes(run.pid)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)  # one of the two, as when its node goes away
     out, err = run.communicate(timeout=300)
@@ -72,6 +73,32 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(tmp_path: Pa
     for key in ("epoch", "train_loss", "val_mse"):
         assert sorted(int(m.step) for m in client.get_metric_history(found.info.run_id, key)) == list(range(1, epochs + 1))
     assert [str(v.version) for v in client.search_model_versions("name = 'worker_kill'")] == ["1"]
+
+
+@pytest.mark.slow
+def test_a_tune_trial_whose_process_is_killed_is_retried_and_the_search_completes(tmp_path: Path) -> None:
+    epochs = 6
+    search = _pipeline("tune", str(CONF_DIR / "linear_regression.yaml"), "name=trial_kill", f"storage_path={tmp_path}",
+                       f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "train.max_failures=1",
+                       "tune.scheduler=fifo", "tune.num_samples=1", "tune.max_concurrent_trials=1",
+                       "tune.space={optim.lr: {grid: [0.03, 0.02]}}")  # fmt: skip
+    trials = tmp_path / "trial_kill-tune" / "trials"
+    deadline = time.monotonic() + 240
+    while not list(trials.glob("*/checkpoint_epoch=0002")):  # the first trial is in its third epoch
+        assert search.poll() is None and time.monotonic() < deadline, search.communicate()
+        time.sleep(0.05)
+    (trial,) = _ray_processes(search.pid, b"ray::ImplicitFunc")  # the trial's own process (in-process trials)
+    os.kill(trial, signal.SIGKILL)
+    out, err = search.communicate(timeout=400)
+    assert search.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])["search"]
+    assert all(t["status"] == "finished" and t["epochs"] == epochs for t in summary["trials"]), summary["trials"]
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    children = client.search_runs([client.get_experiment_by_name("trial_kill").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")  # fmt: skip
+    assert len(children) == 2
+    for child in children:  # the killed trial resumed in the same child run: each epoch once
+        assert sorted(int(m.step) for m in client.get_metric_history(child.info.run_id, "epoch")) == list(range(1, epochs + 1))
 
 
 @pytest.mark.slow
@@ -165,3 +192,85 @@ def test_malformed_data_exits_2_and_leaves_no_run_or_version(data, extra: list[s
     client = MlflowClient(tracking_store)
     assert client.get_experiment_by_name(name) is None
     assert client.search_registered_models(f"name = '{name}'") == []
+
+
+@pytest.mark.slow
+def test_the_mlflow_server_going_away_loses_nothing_and_a_rerun_completes_the_run(tmp_path: Path) -> None:
+    from tests.conftest import free_port, start_mlflow_server, stop_group
+
+    root, port = tmp_path / "mlflow", free_port()
+    root.mkdir()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url}
+    epochs = 8
+    args = ["train", str(CONF_DIR / "linear_regression.yaml"), "name=server_away", f"storage_path={tmp_path}",
+            f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}"]  # fmt: skip
+    run_dir = tmp_path / "server_away"
+    server = start_mlflow_server(root, port)
+    try:
+        run = _pipeline(*args, env=env)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoint_epoch=0002").exists():
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.05)
+        stop_group(server)  # the server goes away for the rest of the run
+        out, err = run.communicate(timeout=300)
+        assert run.returncode == 1, err[-3000:]
+        assert "is not answering" in err and "training goes on" in err
+        assert "the MLflow server went away" in err and "run the same command again" in err
+        assert (run_dir / f"checkpoint_epoch={epochs:04d}").is_dir()  # training went on to the end
+
+        server = start_mlflow_server(root, port)  # back, with the same store
+        again = _pipeline(*args, env=env)
+        out, err = again.communicate(timeout=300)
+        assert again.returncode == 0, err[-3000:]
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["history"] == []  # nothing trained again
+        client = MlflowClient(url)
+        (found,) = client.search_runs([client.get_experiment_by_name("server_away").experiment_id])
+        assert found.info.run_id == summary["mlflow_run_id"] and found.info.status == "FINISHED"
+        # The epochs the server missed were logged from the checkpoint's history, each once.
+        for key in ("epoch", "val_mse"):
+            assert sorted(int(m.step) for m in client.get_metric_history(found.info.run_id, key)) == list(range(1, epochs + 1))
+        assert summary["registration"]["version"] == "1"
+    finally:
+        stop_group(server)
+
+
+# --- security ---------------------------------------------------------------------------------------
+
+
+def test_secrets_in_the_config_never_reach_mlflow_or_the_console(mlflow_server: str, tmp_path: Path) -> None:
+    # A user's model that takes an API token, and a tracking URI with a password in it.
+    (tmp_path / "secret_net.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Linear):\n    def __init__(self, api_token: str):\n        super().__init__(2, 1)\n"
+    )
+    host = mlflow_server.removeprefix("http://")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", str(CONF_DIR / "linear_regression.yaml"), "name=secretive",
+         "model.name=secret_net:Net", "model.kwargs={api_token: hunter2-token}", f"tracking.uri=http://alice:hunter2-pw@{host}",
+         f"storage_path={tmp_path}", f"data.root={tmp_path}", "train.epochs=1", "--output", "json"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for secret in ("hunter2-token", "hunter2-pw"):
+        assert secret not in done.stdout and secret not in done.stderr
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("secretive").experiment_id])
+    recorded = [*run.data.params.values(), *run.data.tags.values(), client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))]
+    recorded[-1] = Path(recorded[-1]).read_text()
+    version = client.get_model_version_by_alias("secretive", "champion")
+    recorded += list(version.tags.values())
+    assert run.data.params["model.kwargs.api_token"] == "***"
+    assert not [text for text in recorded if "hunter2" in text]
+
+
+def test_the_ui_binds_to_127_0_0_1_unless_told_otherwise() -> None:
+    from pipeline.cli import _parser
+    from pipeline.tracking import Store, ui_command
+
+    args = _parser().parse_args(["ui"])
+    assert args.host == "127.0.0.1"
+    command = ui_command(Store("sqlite:////tmp/x/mlflow.db", "default", "/tmp/x/mlartifacts"), args.host, args.port)
+    assert command[command.index("--host") + 1] == "127.0.0.1"
