@@ -36,6 +36,14 @@ def tracking_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+def mlflow_client(uri: str):
+    """A client of `uri` for runs and the registry alike: a test before may have left MLFLOW_REGISTRY_URI
+    pointing elsewhere (mlflow.set_registry_uri sets it for the whole process)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

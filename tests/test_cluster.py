@@ -23,10 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
 from pipeline.cluster import load_job
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, mlflow_client
 
 JOBS_DIR = REPO / "jobs"
 NODE_CPUS = 2
@@ -145,7 +144,7 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
 
     # The job's own result line, streamed back by --follow: a version registered on the server.
     summary = _last_json(submitted.stdout)
-    client = MlflowClient(mlflow_server)
+    client = mlflow_client(mlflow_server)
     champion = client.get_model_version_by_alias("cluster_smoke", "champion")
     assert champion.version == summary["registration"]["version"]
     assert champion.run_id == summary["mlflow_run_id"]

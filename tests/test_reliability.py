@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
-from tests.conftest import CONF_DIR, REPO
+from tests.conftest import CONF_DIR, REPO, mlflow_client
 
 
 def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -67,7 +66,7 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(tmp_path: Pa
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["metrics"]["epoch"] == epochs
     # One MLflow run, each epoch in it once (the epoch the kill interrupted ran again, logged once).
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     (found,) = client.search_runs([client.get_experiment_by_name("worker_kill").experiment_id])
     assert found.info.run_id == summary["mlflow_run_id"] and found.info.status == "FINISHED"
     for key in ("epoch", "train_loss", "val_mse"):
@@ -93,7 +92,7 @@ def test_a_tune_trial_whose_process_is_killed_is_retried_and_the_search_complete
     assert search.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])["search"]
     assert all(t["status"] == "finished" and t["epochs"] == epochs for t in summary["trials"]), summary["trials"]
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     children = client.search_runs([client.get_experiment_by_name("trial_kill").experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")  # fmt: skip
     assert len(children) == 2
@@ -115,7 +114,7 @@ def test_concurrent_registrations_leave_every_version_and_the_best_as_champion(m
     for run, (_, err) in zip(runs, results):
         assert run.returncode == 0, err[-3000:]
     registrations = [json.loads(out.strip().splitlines()[-1])["registration"] for out, _ in results]
-    client = MlflowClient(mlflow_server)
+    client = mlflow_client(mlflow_server)
     versions = client.search_model_versions("name = 'race'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]
     best = min(registrations, key=lambda r: r["value"])
@@ -189,7 +188,7 @@ def test_malformed_data_exits_2_and_leaves_no_run_or_version(data, extra: list[s
     done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr and "Traceback" not in done.stderr
-    client = MlflowClient(tracking_store)
+    client = mlflow_client(tracking_store)
     assert client.get_experiment_by_name(name) is None
     assert client.search_registered_models(f"name = '{name}'") == []
 
@@ -226,7 +225,7 @@ def test_the_mlflow_server_going_away_loses_nothing_and_a_rerun_completes_the_ru
         assert again.returncode == 0, err[-3000:]
         summary = json.loads(out.strip().splitlines()[-1])
         assert summary["history"] == []  # nothing trained again
-        client = MlflowClient(url)
+        client = mlflow_client(url)
         (found,) = client.search_runs([client.get_experiment_by_name("server_away").experiment_id])
         assert found.info.run_id == summary["mlflow_run_id"] and found.info.status == "FINISHED"
         # The epochs the server missed were logged from the checkpoint's history, each once.
@@ -256,7 +255,7 @@ def test_secrets_in_the_config_never_reach_mlflow_or_the_console(mlflow_server: 
     assert done.returncode == 0, done.stderr[-3000:]
     for secret in ("hunter2-token", "hunter2-pw"):
         assert secret not in done.stdout and secret not in done.stderr
-    client = MlflowClient(mlflow_server)
+    client = mlflow_client(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("secretive").experiment_id])
     recorded = [*run.data.params.values(), *run.data.tags.values(), client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))]
     recorded[-1] = Path(recorded[-1]).read_text()
