@@ -34,7 +34,7 @@ __all__ = [
 
 # The catalogs' names. data.py and models.py map each name to a builder; tests/test_config.py checks
 # that both sides agree, so a name can be validated here without importing torch.
-DATASET_NAMES = ("linear", "circles", "mnist", "fashion_mnist", "cifar10", "tabular")
+DATASET_NAMES = ("linear", "circles", "mnist", "fashion_mnist", "cifar10", "tabular", "image_folder")
 MODEL_NAMES = (
     "linear_regression",
     "softmax_regression",
@@ -88,13 +88,21 @@ class DataConfig(_Section):
     loader: Literal["auto", "memory", "stream"] = "auto"
     stream_above_mb: float = Field(4096, gt=0)
     # The user's own table (data.name=tabular): a CSV or Parquet file and its target column.
+    # The user's own images (data.name=image_folder): a folder of class folders (torchvision's
+    # ImageFolder layout), or of train/ and test/ folders of class folders.
     path: str | None = None
     target: str | None = None
+    # image_folder: [height, width] to resize every image to; unset, all images must share one size.
+    image_size: tuple[int, int] | None = None
 
     @model_validator(mode="after")
-    def _tabular_needs_path_and_target(self) -> DataConfig:
+    def _user_data_needs_a_path(self) -> DataConfig:
         if self.name == "tabular" and (not self.path or not self.target):
             raise ValueError("data.name=tabular needs data.path (a .csv or .parquet file) and data.target (a column)")
+        if self.name == "image_folder" and not self.path:
+            raise ValueError("data.name=image_folder needs data.path: a folder with one folder of images per class")
+        if self.image_size is not None and min(self.image_size) < 1:
+            raise ValueError(f"data.image_size: {list(self.image_size)} must be two positive sizes, [height, width]")
         return self
 
 

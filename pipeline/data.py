@@ -127,6 +127,10 @@ def _dataset_key(cfg: DataConfig, seed: int) -> str:
     if cfg.name == "tabular":
         path = _existing(Path(cfg.path or ""), "data.path")
         return f"tabular-{path.stem}-{cfg.target}-{_file_hash(path)[:12]}"
+    if cfg.name == "image_folder":
+        folder = _image_root(Path(cfg.path or ""))
+        size = "x".join(map(str, cfg.image_size)) if cfg.image_size else "native"
+        return f"images-{folder.name}-{size}-{_listing_hash(folder)[:12]}"
     return cfg.name
 
 
@@ -138,6 +142,8 @@ def _read_source(cfg: DataConfig, seed: int) -> tuple[dict[str, Split], tuple[st
         return {"train": _make_circles(cfg.num_samples, seed)}, ("outside", "inside"), ()
     if cfg.name == "tabular":
         return _read_table(Path(cfg.path or ""), cfg.target or "")
+    if cfg.name == "image_folder":
+        return *_read_image_folder(_image_root(Path(cfg.path or "")), cfg.image_size), ()
     if cfg.name == "cifar10":
         return *_read_cifar10(Path(cfg.root).resolve(), cfg.download), ()
     return *_read_mnist_like(cfg.name, Path(cfg.root).resolve(), cfg.download), ()
@@ -269,6 +275,67 @@ def _read_table(path: Path, target: str) -> tuple[dict[str, Split], tuple[str, .
     labels = values if pa.types.is_integer(y_col.type) else values.astype(str)
     classes, y = np.unique(labels, return_inverse=True)
     return {"train": (x, y.astype(np.int64))}, tuple(str(c) for c in classes), tuple(features)
+
+
+def _image_root(path: Path) -> Path:
+    if not path.is_dir():
+        raise DataError(f"data.path: folder {path} does not exist; it holds one folder of images per class")
+    return path.resolve()
+
+
+def _listing_hash(folder: Path) -> str:
+    """A fingerprint of a folder tree (names, sizes, modification times): new or changed images, a new key."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _read_image_folder(root: Path, size: tuple[int, int] | None) -> tuple[dict[str, Split], tuple[str, ...]]:
+    """ImageFolder layouts: <root>/<class>/<image>, or <root>/{train,test}/<class>/<image>."""
+    split_dirs = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"train": root}
+    classes = tuple(sorted(d.name for d in split_dirs["train"].iterdir() if d.is_dir() and not d.name.startswith(".")))
+    if len(classes) < 2:
+        raise DataError(f"data.path: {split_dirs['train']} needs a folder per class (at least 2), holding that class's images")
+    first: list = []  # the first image's (mode, size, path): the shape every other image must have
+    splits = {split: _read_class_folders(folder, classes, size, first) for split, folder in split_dirs.items() if folder.is_dir()}
+    return splits, classes
+
+
+def _read_class_folders(folder: Path, classes: tuple[str, ...], size: tuple[int, int] | None, first: list) -> Split:
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).glob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{folder / name}: no images in this class folder")
+        for path in files:
+            images.append(_read_image(path, size, first))
+            labels.append(label)
+    return np.stack(images), np.array(labels, dtype=np.int64)
+
+
+def _read_image(path: Path, size: tuple[int, int] | None, first: list) -> np.ndarray:
+    """One image as uint8 (C, H, W): grayscale or RGB as the first image is, at `size` or the first's size."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"{path}: not an image that can be read ({type(err).__name__}); remove it from the folder") from None
+    if not first:
+        first.extend(["L" if image.mode in ("1", "L", "I;16", "I") else "RGB", size or image.size[::-1], path])
+    mode, (height, width), reference = first
+    image = image.convert(mode)
+    if size:
+        image = image.resize((width, height))
+    elif image.size[::-1] != (height, width):
+        raise DataError(f"{path}: {image.size[1]}x{image.size[0]} pixels, but {reference} is {height}x{width}; "
+                        f"set data.image_size=[{height}, {width}] to resize every image")  # fmt: skip
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 _MNIST_LIKE = {

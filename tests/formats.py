@@ -64,3 +64,19 @@ def write_cifar10(root: Path, *, per_batch: int = 40, n_test: int = 40, seed: in
     with (folder / "batches.meta").open("wb") as f:
         pickle.dump({"label_names": CIFAR_CLASSES, "num_vis": 3072}, f)
     return folder
+
+
+def write_image_folder(root: Path, *, classes: tuple[str, ...] = ("cat", "dog"), per_class: int = 12, size: tuple[int, int] = (8, 8),
+                       mode: str = "L", seed: int = 0) -> Path:  # fmt: skip
+    """<root>/<class>/<i>.png, torchvision's ImageFolder layout; each class a brightness band, so it is learnable."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = 1 if mode == "L" else 3
+    for label, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = 40 + 160 * label / max(len(classes) - 1, 1)
+            pixels = np.clip(rng.normal(base, 20, size=(*size, channels)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode).save(root / name / f"{i}.png")
+    return root

@@ -34,7 +34,7 @@ from pipeline.data import (
     shard_indices,
     val_rows,
 )
-from tests.formats import CIFAR_CLASSES, patterned_images, write_cifar10, write_idx
+from tests.formats import CIFAR_CLASSES, patterned_images, write_cifar10, write_idx, write_image_folder
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 MNIST_STEMS = {
@@ -666,3 +666,43 @@ def test_augment_with_the_same_generator_seed_repeats() -> None:
     second = augment(x, cfg, torch.Generator().manual_seed(3))
 
     assert torch.equal(first, second)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The user's image folders
+
+
+def _images(path: Path, **extra: object) -> DataConfig:
+    return DataConfig(name="image_folder", path=str(path), root=str(path.parent / "data"), **extra)
+
+
+def test_an_image_folder_becomes_a_classification_set_of_its_class_folders(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets", classes=("cat", "dog", "eel"), per_class=5, size=(6, 10), mode="RGB")
+    spec = materialize(_images(tmp_path / "pets"), seed=0)
+    assert spec.classes == ("cat", "dog", "eel") and spec.input_shape == (3, 6, 10) and spec.rows == {"train": 15}
+    x, y = load_splits(spec, _images(tmp_path / "pets", val_fraction=0), seed=0)["train"]
+    assert x.dtype == np.uint8 and sorted(np.bincount(y)) == [5, 5, 5]
+
+
+def test_an_image_folder_with_train_and_test_folders_keeps_both(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets" / "train", per_class=6)
+    write_image_folder(tmp_path / "pets" / "test", per_class=2, seed=1)
+    spec = materialize(_images(tmp_path / "pets"), seed=0)
+    assert spec.rows == {"train": 12, "test": 4} and spec.input_shape == (1, 8, 8)
+
+
+def test_images_of_another_size_are_refused_naming_both_or_resized(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets", per_class=3)
+    write_image_folder(tmp_path / "odd", classes=("dog",), per_class=1, size=(5, 7))
+    (tmp_path / "odd" / "dog" / "0.png").rename(tmp_path / "pets" / "dog" / "z.png")
+    with pytest.raises(DataError, match=r"z.png: 5x7 pixels, but .*cat/0.png is 8x8; set data.image_size=\[8, 8\]"):
+        materialize(_images(tmp_path / "pets"), seed=0)
+    spec = materialize(_images(tmp_path / "pets", image_size=(4, 4)), seed=0)
+    assert spec.input_shape == (1, 4, 4) and spec.rows == {"train": 7}
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "pets", per_class=3)
+    (tmp_path / "pets" / "dog" / "notes.txt").write_text("not a picture")
+    with pytest.raises(DataError, match=r"dog/notes.txt: not an image that can be read .*remove it from the folder"):
+        materialize(_images(tmp_path / "pets"), seed=0)

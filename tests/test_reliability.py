@@ -160,6 +160,14 @@ def _mnist(damage):
     return write
 
 
+def _image_folder_with_a_text_file(root: Path) -> list[str]:
+    from tests.formats import write_image_folder
+
+    write_image_folder(root / "pets", per_class=4)
+    (root / "pets" / "dog" / "readme.txt").write_text("not an image")
+    return ["data.name=image_folder", f"data.path={root / 'pets'}", f"data.root={root}", "loss=cross_entropy", "model.name=mlp"]
+
+
 def _truncate(raw: Path) -> None:
     images = raw / "train-images-idx3-ubyte"
     images.write_bytes(images.read_bytes()[:-100])
@@ -179,8 +187,9 @@ def _drop_labels(raw: Path) -> None:
         (_table("a,y\n1,2.0\ninf,3.0\n"), ["data.target=y"], "feature columns contain NaN, infinite or empty values (['a']"),
         (_mnist(_truncate), [], "truncated"),
         (_mnist(_drop_labels), [], "they must pair up"),
+        (_image_folder_with_a_text_file, [], "readme.txt: not an image that can be read"),
     ],
-    ids=["csv-without-target", "nan-target", "infinite-feature", "truncated-idx", "mismatched-idx"],
+    ids=["csv-without-target", "nan-target", "infinite-feature", "truncated-idx", "mismatched-idx", "non-image-file"],
 )
 def test_malformed_data_exits_2_and_leaves_no_run_or_version(data, extra: list[str], message: str, tmp_path: Path, tracking_store: str) -> None:
     name = f"malformed_{tmp_path.name}"[:60]

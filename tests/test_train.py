@@ -140,3 +140,13 @@ def test_a_user_module_trains_on_ray_workers(ray_local, tmp_path: Path, monkeypa
     result = run_training(cfg)
     assert [m["epoch"] for m in result.history] == [1, 2]
     assert result.metrics["val_accuracy"] > 0.5
+
+
+def test_an_image_folder_trains(tmp_path: Path) -> None:
+    from tests.formats import write_image_folder
+
+    write_image_folder(tmp_path / "pets", per_class=40, size=(8, 8))
+    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.name=image_folder", f"data.path={tmp_path / 'pets'}",
+                 "model.hidden=[16]", "data.batch_size=8", "train.epochs=3", "scaling.num_workers=0", "data.val_fraction=0.25"]  # fmt: skip
+    result = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", overrides), track=False)
+    assert result.metrics["val_accuracy"] > 0.8  # the two classes differ in brightness: learnable
