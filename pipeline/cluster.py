@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import ConfigError, describe_invalid, load_config
+from pipeline.config import describe_invalid, load_config
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

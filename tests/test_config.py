@@ -24,7 +24,7 @@ CONFS = sorted(CONF_DIR.glob("*.yaml"))
 def test_the_catalogs_and_the_config_name_the_same_things() -> None:
     assert set(models.MODELS) == set(MODEL_NAMES)
     assert set(train.LOSSES) == set(LOSS_NAMES)
-    assert set(data._MNIST_LIKE) | {"linear", "circles", "tabular", "cifar10"} == set(DATASET_NAMES)
+    assert set(data._MNIST_LIKE) | {"linear", "circles", "tabular", "cifar10", "image_folder"} == set(DATASET_NAMES)
 
 
 @pytest.mark.parametrize("conf", CONFS, ids=lambda p: p.stem)

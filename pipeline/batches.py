@@ -1,0 +1,122 @@
+"""Where a worker's batches come from: the in-memory fast path, or Ray Data shards (streaming).
+
+    data = Streamed(cfg, spec, session) if streaming else InMemory(cfg, spec, session)
+    steps, batches = data.train_batches(epoch)   # this rank's part of each global batch
+    for x, y in data.eval_batches("val"): ...     # this rank's shard, in large batches
+
+Both yield (raw inputs, targets) on the session's device: uint8 images stay uint8 until the loop
+normalizes them there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoints import Session
+from pipeline.config import ExperimentConfig
+from pipeline.data import DatasetSpec, SplitRows, batch_indices, load_split_rows, shard_indices, val_rows
+
+__all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names"]
+
+EVAL_BATCH = 1024  # evaluation has no gradients to keep: larger batches, fewer steps
+
+
+@dataclass
+class Batches:
+    """One split on the device: the arrays of the file it lives in (inputs as stored, so uint8 images
+    stay uint8; targets shaped for the loss) and which of their rows are this split's."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    rows: torch.Tensor | None  # None: every row
+
+    def __len__(self) -> int:
+        return len(self.y) if self.rows is None else len(self.rows)
+
+    def at(self, positions: torch.Tensor) -> torch.Tensor:
+        """Positions within the split -> rows of x and y."""
+        return positions if self.rows is None else self.rows[positions]
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]  # one batch on the device: raw inputs, targets shaped for the loss
+
+
+class InMemory:
+    """The fast path: each split on the device as one tensor, batches sliced by index (data.batch_indices)."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session) -> None:
+        self.cfg, self.session = cfg, session
+        self.splits = _to_device(load_split_rows(spec, cfg.data, cfg.seed), cfg.loss, session.device)
+
+    def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
+        """This rank's part of each global batch of the epoch, and how many there are."""
+        data, session = self.splits["train"], self.session
+        batches = list(batch_indices(len(data), self.cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=self.cfg.seed))
+        # The epoch's order goes to the device in one copy: one blocking host-to-device copy per step
+        # would stall a GPU between steps.
+        indices = data.at(torch.from_numpy(np.stack(batches)).to(session.device))
+        return len(indices), ((data.x[idx], data.y[idx]) for idx in indices)
+
+    def eval_batches(self, split: str) -> Iterator[Pair]:
+        """This rank's shard of a split (every world_size-th sample), in large batches."""
+        data, session = self.splits[split], self.session
+        mine = data.at(torch.from_numpy(shard_indices(len(data), session.rank, session.world_size)).to(session.device))
+        return ((data.x[idx], data.y[idx]) for idx in mine.split(max(self.cfg.data.batch_size, EVAL_BATCH)))
+
+
+class Streamed:
+    """The streaming path: this worker's Ray Data shard of each split, read while the epoch runs.
+
+    Ray Train splits each dataset equally across the workers and batches drop their incomplete last
+    one, so every rank runs the same number of steps, as DDP needs."""
+
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session) -> None:
+        import ray.train
+
+        self.cfg, self.spec, self.session = cfg, spec, session
+        self.splits = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
+
+    def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
+        rows = self.spec.rows["train"] - val_rows(self.spec.rows["train"], self.cfg.data.val_fraction)
+        rows = min(rows, self.cfg.data.limit or rows)
+        steps = rows // self.session.world_size // self.cfg.data.batch_size  # for the progress display
+        shuffle = {"local_shuffle_buffer_size": max(16 * self.cfg.data.batch_size, 4096), "local_shuffle_seed": self.cfg.seed + epoch}
+        return steps, self._batches("train", self.cfg.data.batch_size, drop_last=True, **shuffle)
+
+    def eval_batches(self, split: str) -> Iterator[Pair]:
+        return self._batches(split, max(self.cfg.data.batch_size, EVAL_BATCH), drop_last=False)
+
+    def _batches(self, split: str, size: int, **options: Any) -> Iterator[Pair]:
+        for batch in self.splits[split].iter_torch_batches(batch_size=size, device=str(self.session.device), **options):
+            yield batch["x"].view(-1, *self.spec.input_shape), _target(batch["y"], self.cfg.loss)
+
+
+def split_names(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
+    """The splits a training uses: train, val (unless val_fraction is 0), test (if the data set has one)."""
+    names = ["train"]
+    if val_rows(spec.rows["train"], cfg.data.val_fraction):
+        names.append("val")
+    return [*names, "test"] if "test" in spec.rows else names
+
+
+def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) -> dict[str, Batches]:
+    """Each file's arrays go to the device once: train and val share the training file's."""
+    tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    batches = {}
+    for name, split in splits.items():
+        if id(split.x) not in tensors:
+            # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
+            x = torch.from_numpy(np.require(split.x, requirements="CW")).to(device)
+            tensors[id(split.x)] = x, _target(torch.from_numpy(np.require(split.y, requirements="CW")), loss).to(device)
+        rows = None if split.rows is None else torch.from_numpy(split.rows).to(device)
+        batches[name] = Batches(*tensors[id(split.x)], rows)
+    return batches
+
+
+def _target(y: torch.Tensor, loss: str) -> torch.Tensor:
+    return y.long() if loss == "cross_entropy" else y.float().view(-1, 1)
