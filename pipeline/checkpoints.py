@@ -9,7 +9,6 @@ The training loop in train.py talks to a `Session` only, so one loop serves two 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
+
+from pipeline.data import file_sha256
 
 __all__ = [
     "CheckpointError",
@@ -51,16 +52,8 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
     and a truncated or altered state file is caught when the checkpoint is loaded."""
     torch.save(state, directory / STATE_FILE)
     summary = {key: state[key] for key in ("epoch", "metrics", "architecture")}
-    summary["sha256"] = _sha256(directory / STATE_FILE)
+    summary["sha256"] = file_sha256(directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(summary))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def latest_meta(run_dir: Path) -> dict[str, Any] | None:
@@ -79,7 +72,7 @@ def load_state(directory: Path) -> dict[str, Any]:
         expected = json.loads(meta_file.read_text()).get("sha256")  # absent in checkpoints from before checksums
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not valid JSON") from None
-    if expected and _sha256(state_file) != expected:
+    if expected and file_sha256(state_file) != expected:
         raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} does not match its checksum (truncated or altered)")
     try:
         # weights_only: a checkpoint holds tensors and plain containers, never code to run.

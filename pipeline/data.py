@@ -41,6 +41,7 @@ __all__ = [
     "augment",
     "batch_indices",
     "decoded_mb",
+    "file_sha256",
     "load_split_rows",
     "load_splits",
     "materialize",
@@ -126,7 +127,7 @@ def _dataset_key(cfg: DataConfig, seed: int) -> str:
         return f"{cfg.name}-n{cfg.num_samples}-seed{seed}"
     if cfg.name == "tabular":
         path = _existing(Path(cfg.path or ""), "data.path")
-        return f"tabular-{path.stem}-{cfg.target}-{_file_hash(path)[:12]}"
+        return f"tabular-{path.stem}-{cfg.target}-{file_sha256(path)[:12]}"
     if cfg.name == "image_folder":
         folder = _image_root(Path(cfg.path or ""))
         size = "x".join(map(str, cfg.image_size)) if cfg.image_size else "native"
@@ -199,7 +200,7 @@ def _atomic_write(path: Path, write) -> str:
     os.close(fd)
     try:
         write(tmp)
-        digest = _file_hash(Path(tmp))
+        digest = file_sha256(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -207,7 +208,8 @@ def _atomic_write(path: Path, write) -> str:
     return digest
 
 
-def _file_hash(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256, read 1 MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
