@@ -219,13 +219,13 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.cluster import connect, load_job, submit
+    from pipeline.cluster import connect, load_job, printable, submit
 
     job = load_job(args.job, args.overrides)  # every check before the cluster is contacted
     client = connect(args.address, quiet=not args.verbose)
     job_id = submit(client, job)
     print(job_id, flush=True)
-    print(f"submitted {job.name}: {job.entrypoint}", file=sys.stderr)
+    print(f"submitted {job.name}: {printable(job.entrypoint)}", file=sys.stderr)
     return _follow(client, job_id) if args.follow else 0
 
 

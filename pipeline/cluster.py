@@ -113,6 +113,21 @@ def load_job(path: str | Path, overrides: list[str] = (), environ: dict[str, str
     return PreparedJob(name=spec.name, entrypoint=shlex.join(command), runtime_env=runtime_env, resources=resources)
 
 
+def printable(entrypoint: str) -> str:
+    """The entrypoint fit for a terminal: credentials in URIs and values of secret-looking keys hidden."""
+    from pipeline.tracking import REDACTED, is_secret_key, redact
+
+    words = []
+    for word in shlex.split(entrypoint):
+        key, sep, value = word.partition("=")
+        if sep and is_secret_key(key):
+            word = f"{key}={REDACTED}"
+        elif "://" in word:
+            word = f"{key}={redact(value)}" if sep and "://" in value else redact(word)
+        words.append(word)
+    return shlex.join(words)
+
+
 def _read_spec(path: Path) -> JobSpec:
     if not path.is_file():
         raise JobError(f"{path}: no such job spec; the job specs are in jobs/*.yaml")

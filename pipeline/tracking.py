@@ -162,6 +162,11 @@ def git_commit() -> str:
     return found.stdout.strip() or "unknown"
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether a (dotted) key names a secret: password, token, secret, credential, API or access key."""
+    return bool(_SECRET_KEY.search(key))
+
+
 def safe_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved config as plain data, with secret-looking keys and URI credentials replaced."""
     return _redact_tree(cfg.model_dump(mode="json"))
@@ -172,7 +177,7 @@ def _redact_tree(tree: dict[str, Any]) -> dict[str, Any]:
     for key, value in tree.items():
         if isinstance(value, dict):
             safe[key] = _redact_tree(value)
-        elif _SECRET_KEY.search(key):
+        elif is_secret_key(key):
             safe[key] = REDACTED
         else:
             safe[key] = redact(value) if isinstance(value, str) and "://" in value else value

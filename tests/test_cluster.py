@@ -264,3 +264,12 @@ def test_a_bad_job_spec_is_refused_before_submission(tmp_path: Path, edit: dict,
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert "no Ray dashboard answered" not in result.stderr
+
+
+def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
+    from pipeline.cluster import printable
+
+    shown = printable("python -m pipeline train conf/x.yaml tracking.uri=http://alice:pw1@host:5000 "
+                      "model.kwargs.api_token=tok2 storage_path=s3://key:sec3@bucket/runs optim.lr=0.1")  # fmt: skip
+    assert not any(secret in shown for secret in ("pw1", "tok2", "sec3"))
+    assert "optim.lr=0.1" in shown and "host:5000" in shown and "model.kwargs.api_token=***" in shown
