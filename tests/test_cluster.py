@@ -43,6 +43,21 @@ class Cluster:
             return json.load(reply)
 
 
+def _fixed_port() -> int:
+    """A free port below the ephemeral range (32768 and up, where every socket Ray opens gets a random
+    port) and above Ray's worker ports (10002-19999): nothing started later can take it first."""
+    import random
+
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 def _start_node(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     # --block keeps the node's processes under this one; its own session lets teardown stop them all.
     with log.open("w") as out:
@@ -65,7 +80,8 @@ def _wait_for_nodes(cluster: Cluster, nodes: list[subprocess.Popen], timeout_s: 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(node.poll() is not None for node in nodes):
-            raise RuntimeError(f"a Ray node exited: {[node.returncode for node in nodes]}; see its log in {cluster.shared.parent}")
+            logs = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in sorted(cluster.shared.parent.glob("*.log")))
+            raise RuntimeError(f"a Ray node exited: {[node.returncode for node in nodes]}\n{logs}")
         try:
             found = cluster.api("/api/v0/nodes?limit=100")["data"]["result"]["result"]
         except OSError:  # not up yet
@@ -85,16 +101,16 @@ def cluster() -> Iterator[Cluster]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port = _fixed_port(), _fixed_port()
     ray = shutil.which("ray", path=env["PATH"])
 
     def common() -> list[str]:  # its own agent port per node: the default, 52365, is one per machine
         return ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}", "--disable-usage-stats",
-                f"--dashboard-agent-listen-port={free_port()}"]  # fmt: skip
+                f"--dashboard-agent-listen-port={_fixed_port()}"]  # fmt: skip
 
     head = _start_node(
         [ray, "start", "--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port()}", f"--temp-dir={root / 'h'}", *common()],
+         f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_fixed_port()}", f"--temp-dir={root / 'h'}", *common()],
         env, root / "head.log",
     )  # fmt: skip
     nodes = [head]
