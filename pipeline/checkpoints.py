@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -81,13 +80,13 @@ def load_state(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} cannot be read: {type(err).__name__}: {err}") from None
 
 
-def restore_newest(candidates: list[Path]) -> dict[str, Any] | None:
-    """The state of the newest checkpoint that loads (candidates oldest first); damaged ones are named on stderr."""
+def restore_newest(candidates: list[Path], skipped: list[str]) -> dict[str, Any] | None:
+    """The state of the newest checkpoint that loads (candidates oldest first); why others did not, in `skipped`."""
     for directory in reversed(candidates):
         try:
             return load_state(directory)
         except CheckpointError as err:
-            print(f"warning: {err}; resuming from the checkpoint before it", file=sys.stderr, flush=True)
+            skipped.append(f"{err}; resuming from the checkpoint before it")
     return None
 
 
@@ -102,6 +101,11 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None: ...
 
+    @property
+    def skipped(self) -> list[str]:
+        """Why `restore` passed over damaged checkpoints, for the loop to tell the user."""
+        ...
+
 
 class RaySession:
     """A Ray Train worker: every rank calls `report` once per epoch; rank 0 passes the checkpoint."""
@@ -111,6 +115,7 @@ class RaySession:
         import ray.train.torch
 
         context = ray.train.get_context()
+        self.skipped: list[str] = []
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
@@ -132,7 +137,7 @@ class RaySession:
                 try:
                     return load_state(Path(directory))
                 except CheckpointError as err:
-                    print(f"warning: {err} ({candidate.path}); trying the checkpoint before it", file=sys.stderr, flush=True)
+                    self.skipped.append(f"{err} ({candidate.path}); resuming from the checkpoint before it")
         return None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -169,6 +174,7 @@ class LocalSession:
         self.keep, self.metric, self.mode = keep, metric, mode
         self.device = device
         self.last_metrics: dict[str, Any] | None = None
+        self.skipped: list[str] = []
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -182,7 +188,7 @@ class LocalSession:
         return ranked[0] if ranked else None
 
     def restore(self) -> dict[str, Any] | None:
-        return restore_newest(self.checkpoints())
+        return restore_newest(self.checkpoints(), self.skipped)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         self.last_metrics = metrics

@@ -54,6 +54,8 @@ class TrainingDisplay:
     def __call__(self, event: dict[str, Any]) -> None:
         if event["event"] == "batch":
             self._on_batch(event)
+        elif event["event"] == "warning":
+            self.progress.console.print(f"warning: {event['message']}", style="yellow", soft_wrap=True)
         elif event["event"] == "epoch":
             metrics = event["metrics"]
             self.progress.console.print(f"epoch {metrics['epoch']}/{self.epochs}  {format_metrics(metrics)}", soft_wrap=True)
@@ -100,6 +102,9 @@ class TrialTable:
             self.live.stop()
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if event["event"] == "warning":
+            self.console.print(f"trial {event['trial']}: warning: {event['message']}", style="yellow", soft_wrap=True)
+            return
         row = self.rows.setdefault(event["trial"], {"params": {}, "epoch": 0, "last": None, "best": None})
         if event["event"] == "trial_start":
             row["params"] = event["params"]

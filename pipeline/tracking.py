@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -318,7 +319,8 @@ class EpochLogger:
 
     RETRY_AFTER_S = 30.0
 
-    def __init__(self, run: TrackedRun) -> None:
+    def __init__(self, run: TrackedRun, warn: Callable[[str], None] | None = None) -> None:
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr, flush=True))
         # A down server fails fast in this process (rank 0 logs nothing else): 3 tries over ~7 s, not
         # MLflow's default of 7 tries over minutes per call.
         for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
@@ -347,13 +349,13 @@ class EpochLogger:
         except Exception as err:  # noqa: BLE001 - any failure to reach the server: keep training, retry later
             self.retry_at = time.monotonic() + self.RETRY_AFTER_S
             if not self.warned:
-                print(f"warning: MLflow at {redact(self.uri)} is not answering ({type(err).__name__}); training goes on, "
-                      "and the epochs' metrics are kept in the checkpoints and logged when it answers", file=sys.stderr, flush=True)  # fmt: skip
+                self.warn(f"MLflow at {redact(self.uri)} is not answering ({type(err).__name__}); training goes on, "
+                          "and the epochs' metrics are kept in the checkpoints and logged when it answers")  # fmt: skip
                 self.warned = True
             return
         self.logged.update(int(m["epoch"]) for m in pending)
         if self.warned and pending:
-            print(f"MLflow at {redact(self.uri)} answers again: {len(pending)} epochs logged", file=sys.stderr, flush=True)
+            self.warn(f"MLflow at {redact(self.uri)} answers again: {len(pending)} epochs logged")
             self.warned = False
 
 

@@ -80,12 +80,24 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     queue = config.get("progress_queue")
     emit = queue.put_nowait if queue is not None and session.rank == 0 else None
     cfg = ExperimentConfig.model_validate(config["experiment"])
-    log_epoch = _epoch_logger(config.get("tracking")) if session.rank == 0 else None  # only rank 0 logs
+    log_epoch = _epoch_logger(config.get("tracking"), warner(emit)) if session.rank == 0 else None  # only rank 0 logs
     run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch, streaming=config.get("streaming", False))
 
 
-def _epoch_logger(run: dict[str, Any] | None) -> LogFn | None:
-    return EpochLogger(TrackedRun.from_json(run)) if run else None
+def _epoch_logger(run: dict[str, Any] | None, warn: Callable[[str], None]) -> LogFn | None:
+    return EpochLogger(TrackedRun.from_json(run), warn) if run else None
+
+
+def warner(emit: EmitFn | None) -> Callable[[str], None]:
+    """Warnings go with the progress events where there are some (a Ray worker's stderr is hidden), else to stderr."""
+
+    def warn(message: str) -> None:
+        if emit:
+            emit({"event": "warning", "message": message})
+        else:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    return warn
 
 
 def run_worker(
@@ -110,7 +122,10 @@ def run_worker(
     model = model_for(cfg, spec).to(device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
     start_epoch, history = 1, []  # history: every epoch's metrics so far, carried in each checkpoint
-    if (state := session.restore()) is not None:
+    state = session.restore()
+    for message in session.skipped:
+        warner(emit)(message)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = state["epoch"] + 1
@@ -518,7 +533,7 @@ def _run_in_process(
     device = torch.device("cuda" if uses_gpu(cfg, in_process=True) else "cpu")
     session = LocalSession(run_dir, keep=cfg.train.checkpoints_to_keep, metric=cfg.metric, mode=cfg.metric_mode, device=device)
     try:
-        run_worker(cfg, spec, session, emit, EpochLogger(run) if run else None)
+        run_worker(cfg, spec, session, emit, EpochLogger(run, warner(emit)) if run else None)
     except Exception as err:  # as on Ray: the training's own error, named as the worker's
         raise TrainingError(f"worker 0: {type(err).__name__}: {err}") from err
     best = session.best_checkpoint()

@@ -58,6 +58,7 @@ from pipeline.train import (
     storage_uri,
     streams,
     uses_gpu,
+    warner,
 )
 
 __all__ = ["SearchResult", "parse_space", "run_pipeline", "run_search", "search_dir", "trial_config"]
@@ -198,7 +199,7 @@ def trial_driver(
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         session = TuneSession(Path(storage_uri(cfg)) / cfg.name, keep=cfg.train.checkpoints_to_keep,
                               metric=cfg.metric, mode=cfg.metric_mode, device=device)  # fmt: skip
-        run_worker(cfg, spec, session, tagged.put_nowait, EpochLogger(run))
+        run_worker(cfg, spec, session, tagged.put_nowait, EpochLogger(run, warner(tagged.put_nowait)))
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 

@@ -137,8 +137,13 @@ def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_it_resumes(runn
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a full disk
     with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint_epoch=0003: state.pt does not match its checksum"):
         load_checkpoint(latest)
-    resumed = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=5"]), track=False)
+    events: list[dict] = []
+    resumed = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=5"]), track=False,
+                           on_event=events.append)  # fmt: skip
     assert [m["epoch"] for m in resumed.history] == [3, 4, 5]  # from epoch 2's checkpoint: epoch 3 again
+    # The user is told, also from a Ray worker (whose own stderr only --verbose shows).
+    (warning,) = [e["message"] for e in events if e["event"] == "warning"]
+    assert "checkpoint_epoch=0003: state.pt does not match its checksum" in warning and "the checkpoint before it" in warning
 
 
 def _table(text: str):
