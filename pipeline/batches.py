@@ -19,7 +19,7 @@ import torch
 
 from pipeline.checkpoints import Session
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec, SplitRows, batch_indices, load_split_rows, shard_indices, val_rows
+from pipeline.data import DatasetSpec, SplitRows, batch_indices, load_split_rows, shard_indices, train_rows, val_rows
 
 __all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names"]
 
@@ -82,9 +82,7 @@ class Streamed:
         self.splits = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
-        rows = self.spec.rows["train"] - val_rows(self.spec.rows["train"], self.cfg.data.val_fraction)
-        rows = min(rows, self.cfg.data.limit or rows)
-        steps = rows // self.session.world_size // self.cfg.data.batch_size  # for the progress display
+        steps = train_rows(self.spec, self.cfg.data) // self.session.world_size // self.cfg.data.batch_size  # for the progress display
         shuffle = {"local_shuffle_buffer_size": max(16 * self.cfg.data.batch_size, 4096), "local_shuffle_seed": self.cfg.seed + epoch}
         return steps, self._batches("train", self.cfg.data.batch_size, drop_last=True, **shuffle)
 

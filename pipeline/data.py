@@ -11,6 +11,7 @@ worker read those files. Images stay uint8 until a batch is on the device, where
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -48,6 +49,7 @@ __all__ = [
     "normalizer",
     "shard_indices",
     "streaming_datasets",
+    "train_rows",
     "val_rows",
 ]
 
@@ -512,11 +514,10 @@ class SplitRows:
 def load_split_rows(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, SplitRows]:
     """Read the Parquet files once: train and val (carved from train by `val_fraction`), and test."""
     x, y = _read_parquet_split(spec, "train")
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_val = val_rows(len(y), cfg.val_fraction)
-    splits = {"train": SplitRows(x, y, order[n_val:])}
-    if n_val:
-        splits["val"] = SplitRows(x, y, order[:n_val])
+    train, val = _carve(len(y), cfg.val_fraction, seed)
+    splits = {"train": SplitRows(x, y, train)}
+    if len(val):
+        splits["val"] = SplitRows(x, y, val)
     if "test" in spec.rows:
         splits["test"] = SplitRows(*_read_parquet_split(spec, "test"), None)
     if cfg.limit:
@@ -528,6 +529,19 @@ def load_split_rows(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, 
 def load_splits(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, Split]:
     """Each split as its own (x, y) arrays: for plots and inspection; training uses `load_split_rows`."""
     return {name: split.arrays() for name, split in load_split_rows(spec, cfg, seed).items()}
+
+
+def _carve(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training file's rows for train and for val: one seeded permutation, the same for every reader."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = val_rows(n, val_fraction)
+    return order[n_val:], order[:n_val]
+
+
+def train_rows(spec: DatasetSpec, cfg: DataConfig) -> int:
+    """How many rows the train split has, after the val carve-out and `limit`."""
+    rows = spec.rows["train"] - val_rows(spec.rows["train"], cfg.val_fraction)
+    return min(rows, cfg.limit or rows)
 
 
 def val_rows(train_rows: int, val_fraction: float) -> int:
@@ -557,7 +571,13 @@ def _read_parquet_split(spec: DatasetSpec, split: str) -> Split:
 
 def decoded_mb(spec: DatasetSpec, split: str = "train") -> float:
     """A split's size in memory, from its Parquet footer (uncompressed bytes): the size the fast path holds."""
-    metadata = pq.ParquetFile(Path(spec.directory) / f"{split}.parquet").metadata
+    return _decoded_mb(str(Path(spec.directory) / f"{split}.parquet"), spec.data_hash)
+
+
+@functools.lru_cache(maxsize=32)
+def _decoded_mb(path: str, data_hash: str) -> float:
+    # Asked several times per run (which runner, which loader): the footer is read once per file version.
+    metadata = pq.ParquetFile(path).metadata
     return sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups)) / 2**20
 
 
@@ -569,9 +589,7 @@ def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
     import ray.data
 
     directory = Path(spec.directory)
-    n_train = spec.rows["train"]
-    order = np.random.default_rng(seed).permutation(n_train)
-    held_out = np.sort(order[: val_rows(n_train, cfg.val_fraction)])
+    held_out = np.sort(_carve(spec.rows["train"], cfg.val_fraction, seed)[1])
     source = ray.data.read_parquet(str(directory / "train.parquet")).select_columns(["x", "y", "row"])
     # Ray Data hands out blocks in the order their reads finish: shuffle whole blocks, then rows
     # within a buffer (iter_torch_batches' local shuffle); a global shuffle would move all the data.

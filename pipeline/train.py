@@ -26,7 +26,7 @@ from torch import nn
 from pipeline.batches import InMemory, Pair, Streamed
 from pipeline.checkpoints import LocalSession, RaySession, Session, latest_meta, load_state
 from pipeline.config import ConfigError, ExperimentConfig, OptimConfig, flatten
-from pipeline.data import DatasetSpec, augment, decoded_mb, materialize, normalizer, streaming_datasets, val_rows
+from pipeline.data import DatasetSpec, augment, decoded_mb, materialize, normalizer, streaming_datasets, train_rows
 from pipeline.models import model_for, num_outputs
 from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, resolve_store
 
@@ -331,13 +331,12 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
 
 
 def _check_batch_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
-    train_rows = spec.rows["train"] - val_rows(spec.rows["train"], cfg.data.val_fraction)
-    train_rows = min(train_rows, cfg.data.limit or train_rows)
+    rows = train_rows(spec, cfg.data)
     global_batch = cfg.data.batch_size * max(cfg.scaling.num_workers, 1)
-    if global_batch > train_rows:
+    if global_batch > rows:
         raise ConfigError(
             f"data.batch_size: {cfg.data.batch_size} per worker x {max(cfg.scaling.num_workers, 1)} workers is more "
-            f"than the {train_rows} training samples; lower data.batch_size or scaling.num_workers"
+            f"than the {rows} training samples; lower data.batch_size or scaling.num_workers"
         )
 
 
@@ -436,10 +435,11 @@ class TrackingUnavailable(RuntimeError):
 def _open_tracked_run(
     store: Store, cfg: ExperimentConfig, spec: DatasetSpec, fresh: bool, parent_run_id: str | None
 ) -> TrackedRun:
+    in_process = runs_in_process(cfg, spec)
     tags = {
         "num_workers": str(cfg.scaling.num_workers),
-        "runner": "in_process" if runs_in_process(cfg, spec) else "ray",
-        "device": "cuda" if uses_gpu(cfg, runs_in_process(cfg, spec)) else "cpu",
+        "runner": "in_process" if in_process else "ray",
+        "device": "cuda" if uses_gpu(cfg, in_process) else "cpu",
         "loader": "stream" if streams(cfg, spec) else "memory",
     }
     run_dir = f"{storage_uri(cfg)}/{cfg.name}"
