@@ -18,7 +18,7 @@ pipeline's Parquet copy lands under bench/.data/parquet. Two models, each traine
 
 Same model (pipeline.models.build_model from the conf), optimizer (pipeline.train.make_optimizer),
 loss, batch 64 per worker, normalization stats and torch threads everywhere. The CNN runs without its
-conf's augmentation (flip, rotation) and with batch 64 instead of 100, so every contender does the
+conf's augmentation (flip, rotation), in NCHW layout and with batch 64 instead of 100, so every contender does the
 same work. Each contender is warmed up before its timed samples: a few steps for the in-process ones,
 a first epoch for the Ray ones (whose reported samples_per_sec never includes startup or evaluation).
 The in-process contenders run --repeats times, round-robin, before Ray starts (median and range
@@ -77,9 +77,11 @@ class Result:
 
 def cases(mlp_samples: int, cnn_samples: int) -> list[Case]:
     no_augment = ("data.augment.hflip=false", "data.augment.rotation_degrees=0", "data.augment.crop_min_scale=1.0")
+    # The plain loops here run NCHW: the conf's channels_last would compare layouts, not loops (bench.gpu does that).
+    nchw = ("train.channels_last=false",)
     return [
         Case("MNIST MLP (conf/mnist_mlp.yaml)", "mnist_mlp", (), "MNIST", mlp_samples),
-        Case("2-conv CNN (conf/fashion_mnist_cnn.yaml, no augmentation)", "fashion_mnist_cnn", no_augment, "FashionMNIST", cnn_samples),
+        Case("2-conv CNN (conf/fashion_mnist_cnn.yaml, no augmentation)", "fashion_mnist_cnn", no_augment + nchw, "FashionMNIST", cnn_samples),
     ]
 
 

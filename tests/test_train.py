@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, load_config
 from pipeline.data import LINEAR_TRUE_B, LINEAR_TRUE_W
-from pipeline.train import load_checkpoint, run_training
+from pipeline.train import _preprocessor, load_checkpoint, prepare, run_training
 from tests.conftest import CONF_DIR, REPO, tiny
 
 CONFS = sorted(CONF_DIR.glob("*.yaml"))
@@ -150,3 +150,24 @@ def test_an_image_folder_trains(tmp_path: Path) -> None:
                  "model.hidden=[16]", "data.batch_size=8", "train.epochs=3", "scaling.num_workers=0", "data.val_fraction=0.25"]  # fmt: skip
     result = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", overrides), track=False)
     assert result.metrics["val_accuracy"] > 0.8  # the two classes differ in brightness: learnable
+
+
+def test_channels_last_trains_the_same_model_as_the_default_layout(data_root: Path, tmp_path: Path) -> None:
+    # The layout changes how the convolutions run, not what they compute: same seed, the same losses up to
+    # float rounding (other convolution kernels sum in another order, and Adam carries the difference on).
+    common = tiny(data_root, tmp_path, "scaling.num_workers=0", "train.epochs=2", "data.augment.hflip=false", "data.augment.rotation_degrees=0")
+    nchw = run_training(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", [*common, "name=nchw", "train.channels_last=false"]), track=False)
+    cfg = load_config(CONF_DIR / "fashion_mnist_cnn.yaml", [*common, "name=nhwc", "train.channels_last=true"])
+    nhwc = run_training(cfg, track=False)
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert [m[key] for m in nhwc.history] == pytest.approx([m[key] for m in nchw.history], rel=1e-2, abs=1e-3), key
+    # One channel is laid out alike either way; three show which layout the loop's batches have.
+    rgb = load_config(CONF_DIR / "cifar10_resnet18.yaml", tiny(data_root, tmp_path, "model.pretrained=false"))
+    for channels_last in (True, False):
+        cfg = rgb.model_copy(update={"train": rgb.train.model_copy(update={"channels_last": channels_last})})
+        prep = _preprocessor(cfg, prepare(cfg), torch.device("cpu"))
+        for batch in (prep.train(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)), prep.eval(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))):
+            assert batch.is_contiguous(memory_format=torch.channels_last) is channels_last
+            assert batch.is_contiguous() is not channels_last
+    model, _ = load_checkpoint(nhwc.checkpoint)  # the trained model takes ordinary NCHW batches
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

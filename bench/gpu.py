@@ -1,0 +1,307 @@
+"""GPU throughput: the project's loop against a plain PyTorch loop on the same GPU, in the same process.
+
+    python -m bench.gpu                    # on a machine with an NVIDIA GPU; a few minutes
+    python -m bench.gpu --ray              # also run_training on a Ray Train GPU worker against in-process
+    python -m bench.gpu --quick            # a smoke test with a fraction of the data (runs on a CPU too)
+
+Run from the repository root. Needs torch, torchvision, pyarrow and pydantic; Ray only for --ray,
+MLflow never (nothing is tracked). The data are stand-ins in the real formats, generated once into
+bench/.data: CIFAR-10 (50,000 + 10,000 3x32x32 uint8, python pickles) and FashionMNIST (60,000 +
+10,000 28x28, IDX). Cases:
+
+  ResNet-18, frozen backbone   conf/cifar10_resnet18.yaml as it is (fine-tuning: only the head learns)
+  ResNet-18, whole network     the same with model.freeze_backbone=false: every layer's backward runs
+  2-conv CNN                   conf/fashion_mnist_cnn.yaml
+
+Each with bf16 autocast (train.amp) and channels_last (train.channels_last) off and on, its conf's
+batch size, no augmentation (the plain loop has none) and random weights (no download). Contenders:
+
+  plain      the training set normalized once into one float tensor on the GPU; shuffled index
+             batches; model(x), loss, zero_grad, backward, step: the loop a PyTorch user writes
+  pipeline   pipeline.train.run_worker with a LocalSession on the GPU, as `pipeline train` runs one
+             worker in-process: uint8 data on the GPU, normalized per batch; its samples_per_sec
+             metric of the second epoch (training steps only; the first epoch is the warm-up)
+
+The plain loop runs the same number of steps after the same warm-up. GPU busy is NVML's utilization
+(the share of time a kernel ran), sampled every 50 ms over the timed epoch; for the pipeline that
+window also holds the epoch's evaluation. --ray adds, per case (amp and channels_last as its conf
+has them): `run_training` with scaling.runner=in_process against a Ray Train worker with one GPU,
+second-epoch samples/s and the whole call's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import DATA_ROOT, load_conf, markdown_table
+from pipeline.checkpoints import LocalSession
+from pipeline.config import ExperimentConfig
+from pipeline.data import DatasetSpec
+from pipeline.models import model_for
+from pipeline.train import LOSSES, make_optimizer, prepare, run_worker
+
+NO_AUGMENT = ("data.augment.hflip=false", "data.augment.rotation_degrees=0", "data.augment.crop_min_scale=1.0")
+CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
+FASHION_TRAIN, FASHION_TEST = 60_000, 10_000
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    conf: str
+    overrides: tuple[str, ...]
+
+
+CASES = (
+    Case("ResNet-18, frozen backbone (CIFAR-10 shape)", "cifar10_resnet18", ("model.pretrained=false",)),
+    Case("ResNet-18, whole network (CIFAR-10 shape)", "cifar10_resnet18", ("model.pretrained=false", "model.freeze_backbone=false")),
+    Case("2-conv CNN (FashionMNIST shape)", "fashion_mnist_cnn", ()),
+)
+VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (amp, channels_last)
+
+
+def ensure_data(scale: float) -> Path:
+    """CIFAR-10 and FashionMNIST stand-ins at `scale` x their real sizes, written once per size."""
+    from tests.formats import write_cifar10, write_mnist_like
+
+    root = DATA_ROOT / f"gpu-x{scale}"
+    if not (root / "complete").exists():
+        write_cifar10(root, per_batch=int(CIFAR_TRAIN * scale) // 5, n_test=int(CIFAR_TEST * scale))
+        write_mnist_like(root, "FashionMNIST", n_train=int(FASHION_TRAIN * scale), n_test=int(FASHION_TEST * scale), seed=10)
+        (root / "complete").touch()
+    return root
+
+
+def bench_conf(case: Case, root: Path, layout: tuple[bool, bool] | None = None, *, extra: tuple[str, ...] = ()) -> ExperimentConfig:
+    """The case's conf on the bench data for 2 epochs; `layout` (amp, channels_last) overrides the conf's."""
+    chosen = [f"train.amp={str(layout[0]).lower()}", f"train.channels_last={str(layout[1]).lower()}"] if layout else []
+    return load_conf(case.conf, [
+        *case.overrides, *NO_AUGMENT, *chosen,
+        f"data.root={root}", "data.download=false", "data.val_fraction=0",  # every row trains; test evaluates
+        "train.epochs=2", "scaling.num_workers=1", *extra,
+    ])  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU utilization
+
+
+class BusySampler:
+    """NVML's GPU utilization, sampled in a thread between start() and stop()."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s, self.samples = interval_s, []
+        self._running = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not torch.cuda.is_available() or self._thread:
+            return
+        self._running.set()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._running.clear()
+        if self._thread:
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while self._running.is_set():
+            self.samples.append(torch.cuda.utilization())
+            time.sleep(self.interval_s)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.samples) if self.samples else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The contenders
+
+
+@dataclass(frozen=True)
+class Measurement:
+    samples_per_sec: float
+    busy_percent: float
+    peak_mib: float
+
+
+def measure_plain(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int) -> Measurement:
+    """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones."""
+    x, y = normalized_training_set(cfg, spec, device)
+    torch.manual_seed(cfg.seed)
+    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model_for(cfg, spec).to(device, memory_format=layout)
+    optimizer, loss_fn = make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss]()
+    batches = shuffled_batches(x.contiguous(memory_format=layout), y, cfg.data.batch_size)
+    train_plain(model, optimizer, loss_fn, batches, steps, cfg.train.amp and device.type == "cuda")  # warm-up
+    sync(device)
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    busy = BusySampler()
+    busy.start()
+    elapsed = train_plain(model, optimizer, loss_fn, batches, steps, cfg.train.amp and device.type == "cuda")
+    busy.stop()
+    return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device))
+
+
+def normalized_training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Parquet copy's training rows as one normalized float tensor on the device, and the labels."""
+    from pipeline.data import load_split_rows
+
+    train = load_split_rows(spec, cfg.data, cfg.seed)["train"]
+    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
+    x = torch.from_numpy(train.x.copy()).to(device)
+    return (x.float() / 255.0 - mean) / std, torch.from_numpy(train.y.copy()).long().to(device)
+
+
+def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    while True:
+        order = torch.randperm(len(y), device=y.device)
+        for start in range(0, len(y) - batch + 1, batch):
+            idx = order[start : start + batch]
+            yield x[idx], y[idx]
+
+
+def train_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
+                batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, amp: bool) -> float:  # fmt: skip
+    """`steps` training steps; wall seconds until the device has finished them."""
+    model.train()
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    for _, (x, y) in zip(range(steps), batches):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def measure_pipeline(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> Measurement:
+    """run_worker for 2 epochs; GPU busy sampled from the first epoch's report to the second's."""
+    busy = BusySampler()
+
+    def on_event(event: dict) -> None:  # progress ticks cost one loss.item() every 0.5 s, as in `pipeline train`
+        if event.get("event") == "epoch":
+            (busy.start if event["metrics"]["epoch"] == 1 else busy.stop)()
+            if event["metrics"]["epoch"] == 1 and device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        session = LocalSession(Path(run_dir), keep=1, metric=cfg.metric, mode=cfg.metric_mode, device=device)
+        run_worker(cfg, spec, session, on_event)
+    busy.stop()
+    assert session.last_metrics is not None
+    return Measurement(float(session.last_metrics["samples_per_sec"]), busy.mean, peak_mib(device))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_mib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The tables
+
+
+def loop_rows(case: Case, root: Path, device: torch.device, repeats: int) -> list[tuple[object, ...]]:
+    """One row per (amp, channels_last): both contenders, `repeats` times, medians."""
+    rows = []
+    for amp, channels_last in VARIANTS:
+        cfg = bench_conf(case, root, (amp, channels_last))
+        spec = prepare(cfg)  # writes the Parquet copy the first time
+        steps = spec.rows["train"] // cfg.data.batch_size
+        plain, pipe = [], []
+        for repeat in range(repeats):
+            # Alternating which contender goes first: a drift over the run (clocks, a neighbour) hits both alike.
+            for contender in (("plain", "pipeline") if repeat % 2 == 0 else ("pipeline", "plain")):
+                if contender == "plain":
+                    plain.append(measure_plain(cfg, spec, device, steps))
+                else:
+                    pipe.append(measure_pipeline(cfg, spec, device))
+            print(f"  amp={amp!s:<5} channels_last={channels_last!s:<5} plain {plain[-1].samples_per_sec:>9,.0f}/s "
+                  f"pipeline {pipe[-1].samples_per_sec:>9,.0f}/s", flush=True)  # fmt: skip
+        p, q = (statistics.median(m.samples_per_sec for m in ms) for ms in (plain, pipe))
+        rows.append((
+            "on" if amp else "off", "on" if channels_last else "off", cfg.data.batch_size, f"{p:,.0f}", f"{q:,.0f}", f"{q / p:.2f}x",
+            f"{statistics.median(m.busy_percent for m in plain):.0f}", f"{statistics.median(m.busy_percent for m in pipe):.0f}",
+            f"{max(m.peak_mib for m in plain):,.0f}", f"{max(m.peak_mib for m in pipe):,.0f}",
+        ))  # fmt: skip
+    return rows
+
+
+LOOP_HEADERS = ["bf16 amp", "channels_last", "batch", "plain samples/s", "pipeline samples/s", "pipeline / plain",
+                "plain GPU busy %", "pipeline GPU busy %", "plain peak MiB", "pipeline peak MiB"]  # fmt: skip
+
+
+def ray_rows(case: Case, root: Path) -> list[tuple[object, ...]]:
+    """run_training in-process against on a Ray Train worker with one GPU: samples/s of epoch 2, wall time."""
+    from pipeline.train import ensure_ray, run_training
+
+    ensure_ray()
+    rows = []
+    for runner in ("in_process", "ray"):
+        with tempfile.TemporaryDirectory() as storage:
+            cfg = bench_conf(case, root, extra=(f"scaling.runner={runner}", f"storage_path={storage}"))
+            started = time.perf_counter()
+            result = run_training(cfg, fresh=True, track=False)
+            wall = time.perf_counter() - started
+        rate = float(result.metrics["samples_per_sec"])
+        print(f"  {runner:<10} {rate:>9,.0f} samples/s, {wall:.1f} s", flush=True)
+        rows.append((runner, f"{rate:,.0f}", f"{wall:.1f}"))
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per contender and variant (median shown)")
+    parser.add_argument("--ray", action="store_true", help="also compare a Ray Train GPU worker with in-process training")
+    parser.add_argument("--only-ray", action="store_true", help="only the Ray comparison")
+    parser.add_argument("--quick", action="store_true", help="2%% of the data, one repeat: a smoke test")
+    parser.add_argument("--batch", type=int, help="one batch size for every case instead of each conf's")
+    parser.add_argument("--cases", default="", help="only the cases whose label contains one of these, comma-separated")
+    parser.add_argument("--out", type=Path, help="also write the report (Markdown) here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    scale = 0.02 if args.quick else 1.0
+    root = ensure_data(scale)
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU: CPU"
+    report = [f"## GPU throughput ({name}; torch {torch.__version__})", ""]
+    wanted = [c for c in CASES if not args.cases or any(w.strip().lower() in c.label.lower() for w in args.cases.split(","))]
+    batch = (f"data.batch_size={args.batch}",) if args.batch else ()
+    for case in (Case(c.label, c.conf, c.overrides + batch) for c in wanted):
+        print(f"{case.label}:", flush=True)
+        if not args.only_ray:
+            rows = loop_rows(case, root, device, 1 if args.quick else args.repeats)
+            report += [f"### {case.label}", "", markdown_table(LOOP_HEADERS, rows), ""]
+        if args.ray or args.only_ray:
+            report += [f"### {case.label}: Ray Train GPU worker against in-process (amp and channels_last as in its conf)", "",
+                       markdown_table(["runner", "samples/s (epoch 2)", "wall s (whole run_training)"], ray_rows(case, root)), ""]  # fmt: skip
+        if args.out:
+            args.out.write_text("\n".join(report))  # after every case: a run cut short keeps what it measured
+    text = "\n".join(report)
+    print("\n" + text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
