@@ -74,20 +74,26 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(tmp_path: Pa
     assert [str(v.version) for v in client.search_model_versions("name = 'worker_kill'")] == ["1"]
 
 
+# The process that dies: an in-process trial's own (Tune retries the trial), or the one Ray Train worker
+# of a trial on a worker group (Ray Train restarts the group inside the trial).
+KILLED_IN_TRIAL = {"in_process": b"ray::ImplicitFunc", "workers": b"ray::RayTrainWorker"}
+
+
 @pytest.mark.slow
-def test_a_tune_trial_whose_process_is_killed_is_retried_and_the_search_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("trial_runner", ["in_process", "workers"])
+def test_a_tune_trial_whose_process_is_killed_is_retried_and_the_search_completes(trial_runner: str, tmp_path: Path) -> None:
     epochs = 6
     search = _pipeline("tune", str(CONF_DIR / "linear_regression.yaml"), "name=trial_kill", f"storage_path={tmp_path}",
                        f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "train.max_failures=1",
                        "tune.scheduler=fifo", "tune.num_samples=1", "tune.max_concurrent_trials=1",
-                       "tune.space={optim.lr: {grid: [0.03, 0.02]}}")  # fmt: skip
+                       f"tune.trial_runner={trial_runner}", "tune.space={optim.lr: {grid: [0.03, 0.02]}}")  # fmt: skip
     trials = tmp_path / "trial_kill-tune" / "trials"
     deadline = time.monotonic() + 240
     while not list(trials.glob("*/checkpoint_epoch=0002")):  # the first trial is in its third epoch
         assert search.poll() is None and time.monotonic() < deadline, search.communicate()
         time.sleep(0.05)
-    (trial,) = _ray_processes(search.pid, b"ray::ImplicitFunc")  # the trial's own process (in-process trials)
-    os.kill(trial, signal.SIGKILL)
+    (victim,) = _ray_processes(search.pid, KILLED_IN_TRIAL[trial_runner])
+    os.kill(victim, signal.SIGKILL)
     out, err = search.communicate(timeout=400)
     assert search.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])["search"]
