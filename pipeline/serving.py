@@ -109,7 +109,8 @@ class Predictor(nn.Module):
     @torch.no_grad()
     def predict_table(self, x: np.ndarray | pd.DataFrame) -> pd.DataFrame:
         """Class index, label and probability per input (classifiers), or the predicted value."""
-        batch = torch.from_numpy(np.ascontiguousarray(self.as_batch(x)))
+        # Arrays from images and Parquet can be read-only views; torch wants writable memory (copied only then).
+        batch = torch.from_numpy(np.require(self.as_batch(x), requirements="CW"))
         device = next(self.parameters()).device
         outputs = torch.cat([self(part.to(device)).float().cpu() for part in batch.split(EVAL_BATCH)])
         return outputs_table(outputs, self.output, self.classes)

@@ -184,6 +184,7 @@ def test_pipeline_predict_on_png_files_writes_class_label_and_probability(
     assert ((table["probability"] > 0) & (table["probability"] <= 1)).all()
     printed = _cli("predict", registered_mnist["ref"], pngs[0], env=env)
     assert printed.returncode == 0 and "class_index" in printed.stdout and "probability" in printed.stdout
+    assert "Warning" not in done.stderr + printed.stderr, "the table alone: no library warnings for the user to decode"
 
 
 def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
