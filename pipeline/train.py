@@ -355,11 +355,15 @@ def _check_model_accepts(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
         model = model_for(cfg, spec).eval()
     except ValueError as err:  # the builders say which key is wrong
         raise ConfigError(str(err)) from None
+    layout = _memory_format(cfg, spec)  # the layout training uses: a module that views NHWC activations fails here
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, *spec.input_shape))
+            out = model.to(memory_format=layout)(torch.zeros(2, *spec.input_shape).contiguous(memory_format=layout))
     except (ValueError, RuntimeError, TypeError) as err:
-        raise ConfigError(f"model.name: {cfg.model.name} cannot take {cfg.data.name} samples of shape {spec.input_shape}: {err}") from None
+        hint = ""
+        if layout == torch.channels_last:
+            hint = " (train.channels_last=true: a module must reshape, not view, its activations; or set train.channels_last=false)"
+        raise ConfigError(f"model.name: {cfg.model.name} cannot take {cfg.data.name} samples of shape {spec.input_shape}: {err}{hint}") from None
     expected = (2, num_outputs(cfg, spec))
     if tuple(out.shape) != expected:
         raise ConfigError(f"model.name: {cfg.model.name} returns shape {tuple(out.shape)}; {cfg.loss} on {cfg.data.name} needs {expected}")

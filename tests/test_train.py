@@ -171,3 +171,23 @@ def test_channels_last_trains_the_same_model_as_the_default_layout(data_root: Pa
             assert batch.is_contiguous() is not channels_last
     model, _ = load_checkpoint(nhwc.checkpoint)  # the trained model takes ordinary NCHW batches
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_module_that_views_nhwc_activations_is_refused_with_train_channels_last_named(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "viewing_net.py").write_text(
+        "from torch import nn\n"
+        "class ViewingNet(nn.Module):  # x.view(n, -1) needs NCHW-contiguous activations\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.head = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 28 * 28, 10)\n"
+        "    def forward(self, x):\n"
+        "        h = self.conv(x)\n"
+        "        return self.head(h.view(h.size(0), -1))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    overrides = tiny(data_root, tmp_path, "model.name=viewing_net:ViewingNet", "scaling.num_workers=0")
+    with pytest.raises(ConfigError, match=r"model.name: viewing_net:ViewingNet .*train.channels_last=false"):
+        prepare(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", overrides))  # the conf sets channels_last
+    assert prepare(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", [*overrides, "train.channels_last=false"])).is_image
