@@ -81,6 +81,10 @@ def _cluster_command(commands: argparse._SubParsersAction, name: str, text: str)
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Your own model (model.name=my_nets:Net) imports from where you run `pipeline`, as `python -m
+    # pipeline` has it: the console script's sys.path starts at its own folder instead.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     # MLflow prints each run's URL with the tracking URI as given, credentials included: never.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not args.verbose:
@@ -122,6 +126,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported, here and in workers
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Every local Ray announces that it turned token authentication on, with how to turn it off: it
+    # stays on, and this process's Ray is its own, so there is nothing for the user to do.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -77,6 +77,29 @@ def test_the_console_script_is_installed() -> None:
     assert result.returncode == 0 and "train" in result.stdout
 
 
+def test_the_console_script_builds_a_user_model_from_the_current_directory(tmp_path: Path) -> None:
+    # `python -m pipeline` has the current directory on sys.path; the console script must too.
+    (tmp_path / "my_nets.py").write_text(
+        "from torch import nn\n"
+        "class TinyNet(nn.Sequential):\n"
+        "    def __init__(self, hidden: int):\n"
+        "        super().__init__(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 1))\n"
+    )
+    result = subprocess.run([str(Path(sys.executable).parent / "pipeline"), "train", str(REPO / "conf/circles_classifier.yaml"),
+                             "model.name=my_nets:TinyNet", "model.kwargs={hidden: 8}", "train.epochs=1", f"storage_path={tmp_path}",
+                             f"data.root={tmp_path}", "--output", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["metrics"]["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_a_run_on_ray_shows_only_the_pipeline_s_own_lines(data_root: Path, tmp_path: Path) -> None:
+    result = pipeline("train", "conf/linear_regression.yaml", *tiny(data_root, tmp_path, "scaling.runner=ray"))
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines and all(line.startswith(("epoch ", "warning: ")) for line in lines), lines
+
+
 @pytest.mark.slow
 def test_a_failing_worker_exits_1_with_the_worker_s_error(tmp_path: Path) -> None:
     # Builds and answers the driver's shape check (eval mode), then fails in the workers' training.
