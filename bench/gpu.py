@@ -36,18 +36,17 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench.common import DATA_ROOT, load_conf, markdown_table
+from bench.plain import fresh_model, normalized, shuffled_batches, train_steps
 from pipeline.checkpoints import LocalSession
 from pipeline.config import ExperimentConfig
 from pipeline.data import DatasetSpec
-from pipeline.models import model_for
-from pipeline.train import LOSSES, make_optimizer, prepare, run_worker
+from pipeline.train import prepare, run_worker
 
 NO_AUGMENT = ("data.augment.hflip=false", "data.augment.rotation_degrees=0", "data.augment.crop_min_scale=1.0")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -138,54 +137,27 @@ class Measurement:
 
 def measure_plain(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int) -> Measurement:
     """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones."""
-    x, y = normalized_training_set(cfg, spec, device)
-    torch.manual_seed(cfg.seed)
+    x, y = training_set(cfg, spec, device)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model_for(cfg, spec).to(device, memory_format=layout)
-    optimizer, loss_fn = make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss]()
-    batches = shuffled_batches(x.contiguous(memory_format=layout), y, cfg.data.batch_size)
-    train_plain(model, optimizer, loss_fn, batches, steps, cfg.train.amp and device.type == "cuda")  # warm-up
-    sync(device)
-    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    model, optimizer, loss_fn = fresh_model(cfg, spec, device, layout)
+    batches = shuffled_batches(normalized(x, spec).contiguous(memory_format=layout), y, cfg.data.batch_size)
+    amp = cfg.train.amp and device.type == "cuda"
+    train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     busy = BusySampler()
     busy.start()
-    elapsed = train_plain(model, optimizer, loss_fn, batches, steps, cfg.train.amp and device.type == "cuda")
+    elapsed = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)
     busy.stop()
     return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device))
 
 
-def normalized_training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Parquet copy's training rows as one normalized float tensor on the device, and the labels."""
+def training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Parquet copy's training rows (uint8 images) and labels, on the device."""
     from pipeline.data import load_split_rows
 
     train = load_split_rows(spec, cfg.data, cfg.seed)["train"]
-    mean, std = (torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
-    x = torch.from_numpy(train.x.copy()).to(device)
-    return (x.float() / 255.0 - mean) / std, torch.from_numpy(train.y.copy()).long().to(device)
-
-
-def shuffled_batches(x: torch.Tensor, y: torch.Tensor, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    while True:
-        order = torch.randperm(len(y), device=y.device)
-        for start in range(0, len(y) - batch + 1, batch):
-            idx = order[start : start + batch]
-            yield x[idx], y[idx]
-
-
-def train_plain(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: torch.nn.Module,
-                batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, amp: bool) -> float:  # fmt: skip
-    """`steps` training steps; wall seconds until the device has finished them."""
-    model.train()
-    device = next(model.parameters()).device
-    started = time.perf_counter()
-    for _, (x, y) in zip(range(steps), batches):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = loss_fn(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    sync(device)
-    return time.perf_counter() - started
+    return torch.from_numpy(train.x.copy()).to(device), torch.from_numpy(train.y.copy()).long().to(device)
 
 
 def measure_pipeline(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> Measurement:
@@ -204,11 +176,6 @@ def measure_pipeline(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.dev
     busy.stop()
     assert session.last_metrics is not None
     return Measurement(float(session.last_metrics["samples_per_sec"]), busy.mean, peak_mib(device))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def peak_mib(device: torch.device) -> float:

@@ -32,24 +32,21 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from bench.common import DATA_ROOT, ensure_mnist_data, load_conf, markdown_table
+from bench.plain import Batch, fresh_model, normalized, shuffled_batches, train_steps
 from pipeline.checkpoints import LocalSession
 from pipeline.config import ExperimentConfig
 from pipeline.data import DatasetSpec
-from pipeline.models import model_for
-from pipeline.train import LOSSES, make_optimizer, prepare, run_training, run_worker
+from pipeline.train import prepare, run_training, run_worker
 
 BATCH = 64
 THREADS = 2
-Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -109,25 +106,6 @@ def pipeline_conf(
 # The tutorial's loop, fed two ways
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batches: Iterator[Batch], steps: int) -> float:
-    """The tutorial's training loop body for `steps` batches; returns its wall seconds."""
-    model.train()
-    started = time.perf_counter()
-    for _, (x, y) in zip(range(steps), batches):
-        loss = loss_fn(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    loss.item()
-    return time.perf_counter() - started
-
-
-def fresh_model(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
-    torch.manual_seed(cfg.seed)
-    model = model_for(cfg, spec)
-    return model, make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss]()
-
-
 def time_plain_loop(cfg: ExperimentConfig, spec: DatasetSpec, batches: Iterator[Batch], steps: int, warmup: int) -> float:
     """Samples/s of the plain loop over `steps` batches, after `warmup` batches from the same stream."""
     model, optimizer, loss_fn = fresh_model(cfg, spec)
@@ -151,14 +129,7 @@ def tutorial_batches(dataset: torch.utils.data.Dataset) -> Iterator[Batch]:
 
 def preloaded_batches(images: torch.Tensor, labels: torch.Tensor, spec: DatasetSpec) -> Iterator[Batch]:
     """The whole training set normalized once into one float tensor; each epoch a new permutation."""
-    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (spec.mean, spec.std))
-    x = ((images.unsqueeze(1).float() / 255.0 - mean) / std).contiguous()
-    y = labels.long()
-    while True:
-        order = torch.randperm(len(y))
-        for start in range(0, len(y) - BATCH + 1, BATCH):
-            idx = order[start : start + BATCH]
-            yield x[idx], y[idx]
+    return shuffled_batches(normalized(images.unsqueeze(1), spec), labels.long(), BATCH)
 
 
 # ---------------------------------------------------------------------------------------------------
