@@ -17,7 +17,10 @@ child run per trial; the best trial's best checkpoint is registered once (champi
 from __future__ import annotations
 
 import math
+import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,8 +223,6 @@ class _TaggedQueue:
 
 def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
     """Whether trials train in their own Tune actor (no worker group): the driver decides, once."""
-    import os
-
     if cfg.tune.trial_runner == "in_process" and cfg.scaling.num_workers > 1:
         raise ConfigError(
             f"tune.trial_runner: in_process trains each trial in one process; scaling.num_workers={cfg.scaling.num_workers} "
@@ -307,7 +308,8 @@ def run_search(
     with recording(parent), event_pump(on_event or (lambda event: None)) as queue:
         trainable = _trainable(cfg, spec, store, parent, queue, in_process)
         tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, resume, verbose, in_process)
-        grid = tuner.fit()
+        with _tune_console(verbose):
+            grid = tuner.fit()
         trials = [_trial(result, metric, mode, cfg.train.epochs) for result in grid]
         best = _best(trials, mode)
         result = SearchResult(cfg.name, metric, mode, trials, best, with_values(cfg, best.params), parent.run_id)
@@ -398,16 +400,25 @@ def _trainable(cfg: ExperimentConfig, spec: DatasetSpec, store: Store, parent: T
     return tune.with_resources(with_params, resources)
 
 
+@contextmanager
+def _tune_console(verbose: bool) -> Iterator[None]:
+    """Tune's older console output while the search runs, unless `verbose`: the newer one prints its banner
+    at any verbosity and ignores a progress reporter; the live table (console.TrialTable) shows the trials.
+    Tune reads the choice from the environment, so it is set for the fit alone and then taken back."""
+    if verbose or "RAY_AIR_NEW_OUTPUT" in os.environ:
+        yield
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["RAY_AIR_NEW_OUTPUT"]
+
+
 def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], metric: str, mode: str,
            concurrency: int, resume: bool, verbose: bool, in_process: bool) -> Any:  # fmt: skip
-    import os
-
     from ray import tune
 
-    if not verbose:
-        # Tune's newer console output prints its banner at any verbosity and ignores a progress reporter;
-        # the older one honours both. The live table (console.TrialTable) shows the trials instead.
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if resume:
         return tune.Tuner.restore(search_dir(cfg), trainable=trainable, resume_unfinished=True, resume_errored=True)
     return tune.Tuner(

@@ -99,6 +99,7 @@ def test_a_grid_search_covers_its_grid(ray_local, tmp_path: Path) -> None:
     covered = sorted((t.params["optim.lr"], t.params["data.batch_size"]) for t in result.trials)
     assert covered == sorted(itertools.product([0.01, 0.05], [16, 32]))
     assert all(t.status == "finished" for t in result.trials)
+    assert "RAY_AIR_NEW_OUTPUT" not in os.environ, "the console choice for Tune does not outlive the search"
 
 
 @pytest.mark.slow
