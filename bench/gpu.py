@@ -46,7 +46,7 @@ from bench.plain import fresh_model, normalized, shuffled_batches, train_steps
 from pipeline.checkpoints import LocalSession
 from pipeline.config import ExperimentConfig
 from pipeline.data import DatasetSpec
-from pipeline.train import prepare, run_worker
+from pipeline.train import memory_format, prepare, run_worker
 
 NO_AUGMENT = ("data.augment.hflip=false", "data.augment.rotation_degrees=0", "data.augment.crop_min_scale=1.0")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -138,7 +138,7 @@ class Measurement:
 def measure_plain(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int) -> Measurement:
     """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones."""
     x, y = training_set(cfg, spec, device)
-    layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    layout = memory_format(cfg, spec)
     model, optimizer, loss_fn = fresh_model(cfg, spec, device, layout)
     batches = shuffled_batches(normalized(x, spec).contiguous(memory_format=layout), y, cfg.data.batch_size)
     amp = cfg.train.amp and device.type == "cuda"
@@ -195,12 +195,12 @@ def loop_rows(case: Case, root: Path, device: torch.device, repeats: int) -> lis
         steps = spec.rows["train"] // cfg.data.batch_size
         plain, pipe = [], []
         for repeat in range(repeats):
-            # Alternating which contender goes first: a drift over the run (clocks, a neighbour) hits both alike.
-            for contender in (("plain", "pipeline") if repeat % 2 == 0 else ("pipeline", "plain")):
-                if contender == "plain":
-                    plain.append(measure_plain(cfg, spec, device, steps))
-                else:
-                    pipe.append(measure_pipeline(cfg, spec, device))
+            plain_first = repeat % 2 == 0  # alternating: a drift over the run (clocks, a neighbour) hits both alike
+            if plain_first:
+                plain.append(measure_plain(cfg, spec, device, steps))
+            pipe.append(measure_pipeline(cfg, spec, device))
+            if not plain_first:
+                plain.append(measure_plain(cfg, spec, device, steps))
             print(f"  amp={amp!s:<5} channels_last={channels_last!s:<5} plain {plain[-1].samples_per_sec:>9,.0f}/s "
                   f"pipeline {pipe[-1].samples_per_sec:>9,.0f}/s", flush=True)  # fmt: skip
         p, q = (statistics.median(m.samples_per_sec for m in ms) for ms in (plain, pipe))

@@ -119,7 +119,7 @@ def run_worker(
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     device = session.device
     data = Streamed(cfg, spec, session) if streaming else InMemory(cfg, spec, session)
-    model = model_for(cfg, spec).to(device, memory_format=_memory_format(cfg, spec))
+    model = model_for(cfg, spec).to(device, memory_format=memory_format(cfg, spec))
     optimizer = make_optimizer(cfg.optim, model.parameters())
     start_epoch, history = 1, []  # history: every epoch's metrics so far, carried in each checkpoint
     state = session.restore()
@@ -162,16 +162,15 @@ class _Preprocess:
 
 def _preprocessor(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> _Preprocess:
     """Normalize on the device; augment training batches only; batches in the model's memory format."""
-    normalize, layout = normalizer(spec, cfg.data.normalize, device), _memory_format(cfg, spec)
-    if layout == torch.contiguous_format:
-        return _Preprocess(train=lambda x: augment(normalize(x), cfg.data.augment), eval=normalize)
+    normalize, layout = normalizer(spec, cfg.data.normalize, device), memory_format(cfg, spec)
+    # .contiguous() returns the batch itself when it already has the layout (always, for NCHW).
     return _Preprocess(
         train=lambda x: augment(normalize(x), cfg.data.augment).contiguous(memory_format=layout),
         eval=lambda x: normalize(x).contiguous(memory_format=layout),
     )
 
 
-def _memory_format(cfg: ExperimentConfig, spec: DatasetSpec) -> torch.memory_format:
+def memory_format(cfg: ExperimentConfig, spec: DatasetSpec) -> torch.memory_format:
     """channels_last for image models when train.channels_last is set; feature vectors have no channels."""
     return torch.channels_last if cfg.train.channels_last and spec.is_image else torch.contiguous_format
 
@@ -355,7 +354,7 @@ def _check_model_accepts(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
         model = model_for(cfg, spec).eval()
     except ValueError as err:  # the builders say which key is wrong
         raise ConfigError(str(err)) from None
-    layout = _memory_format(cfg, spec)  # the layout training uses: a module that views NHWC activations fails here
+    layout = memory_format(cfg, spec)  # the layout training uses: a module that views NHWC activations fails here
     try:
         with torch.no_grad():
             out = model.to(memory_format=layout)(torch.zeros(2, *spec.input_shape).contiguous(memory_format=layout))
