@@ -19,9 +19,9 @@ import torch
 
 from pipeline.checkpoints import Session
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec, SplitRows, batch_indices, load_split_rows, shard_indices, train_rows, val_rows
+from pipeline.data import DatasetSpec, SplitRows, batch_indices, has_validation, load_split_rows, shard_indices, train_rows
 
-__all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names"]
+__all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names", "target_for"]
 
 EVAL_BATCH = 1024  # evaluation has no gradients to keep: larger batches, fewer steps
 
@@ -51,7 +51,7 @@ class InMemory:
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session) -> None:
         self.cfg, self.session = cfg, session
-        self.splits = _to_device(load_split_rows(spec, cfg.data, cfg.seed), cfg.loss, session.device)
+        self.splits = _to_device(load_split_rows(spec, cfg.data, cfg.seed, test=False), cfg.loss, session.device)
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
         """This rank's part of each global batch of the epoch, and how many there are."""
@@ -91,15 +91,12 @@ class Streamed:
 
     def _batches(self, split: str, size: int, **options: Any) -> Iterator[Pair]:
         for batch in self.splits[split].iter_torch_batches(batch_size=size, device=str(self.session.device), **options):
-            yield batch["x"].view(-1, *self.spec.input_shape), _target(batch["y"], self.cfg.loss)
+            yield batch["x"].view(-1, *self.spec.input_shape), target_for(batch["y"], self.cfg.loss)
 
 
 def split_names(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
-    """The splits a training uses: train, val (unless val_fraction is 0), test (if the data set has one)."""
-    names = ["train"]
-    if val_rows(spec.rows["train"], cfg.data.val_fraction):
-        names.append("val")
-    return [*names, "test"] if "test" in spec.rows else names
+    """The splits a training uses: train, and val unless data.val_fraction holds out no rows (never test)."""
+    return ["train", "val"] if has_validation(spec, cfg.data) else ["train"]
 
 
 def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) -> dict[str, Batches]:
@@ -110,11 +107,11 @@ def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) ->
         if id(split.x) not in tensors:
             # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
             x = torch.from_numpy(np.require(split.x, requirements="CW")).to(device)
-            tensors[id(split.x)] = x, _target(torch.from_numpy(np.require(split.y, requirements="CW")), loss).to(device)
+            tensors[id(split.x)] = x, target_for(torch.from_numpy(np.require(split.y, requirements="CW")), loss).to(device)
         rows = None if split.rows is None else torch.from_numpy(split.rows).to(device)
         batches[name] = Batches(*tensors[id(split.x)], rows)
     return batches
 
 
-def _target(y: torch.Tensor, loss: str) -> torch.Tensor:
+def target_for(y: torch.Tensor, loss: str) -> torch.Tensor:
     return y.long() if loss == "cross_entropy" else y.float().view(-1, 1)

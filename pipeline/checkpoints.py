@@ -10,9 +10,12 @@ The training loop in train.py talks to a `Session` only, so one loop serves two 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,8 +30,10 @@ __all__ = [
     "RaySession",
     "Session",
     "checkpoint_dir_name",
-    "latest_meta",
     "load_state",
+    "local_checkpoint",
+    "read_meta",
+    "run_checkpoints",
     "save_state",
 ]
 
@@ -48,17 +53,57 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
     """Weights, optimizer, epoch, metrics and the configs that rebuild the model, plus a readable summary.
 
     The summary is written last and carries the state file's SHA-256: it marks the checkpoint complete,
-    and a truncated or altered state file is caught when the checkpoint is loaded."""
+    and a truncated or altered state file is caught when the checkpoint is loaded. It also carries every
+    epoch's metrics so far, so that a run's whole history is read without loading any weights."""
     torch.save(state, directory / STATE_FILE)
-    summary = {key: state[key] for key in ("epoch", "metrics", "architecture")}
+    summary = {key: state[key] for key in ("epoch", "metrics", "history")}
     summary["sha256"] = file_sha256(directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(summary))
 
 
-def latest_meta(run_dir: Path) -> dict[str, Any] | None:
-    """The summary of a local run's newest complete checkpoint, or None."""
-    found = sorted(run_dir.glob(f"checkpoint_epoch=*/{META_FILE}"))
-    return json.loads(found[-1].read_text()) if found else None
+def read_meta(directory: Path) -> dict[str, Any] | None:
+    """A checkpoint's summary, or None if it is missing or damaged (the checkpoint then counts as incomplete)."""
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("metrics"), dict) and "epoch" in meta else None
+
+
+def run_checkpoints(folder: str) -> dict[int, tuple[str, dict[str, Any]]]:
+    """A run folder's complete checkpoints, on this disk or in an object store: epoch -> (path, summary)."""
+    import pyarrow.fs
+
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
+    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+        return {}
+    scheme = folder.partition("://")[0] + "://" if "://" in folder else ""
+    found = {}
+    for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(path)):
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_epoch="):
+            continue
+        try:
+            with filesystem.open_input_stream(f"{entry.path}/{META_FILE}") as stream:
+                meta = json.loads(stream.read())
+        except (OSError, ValueError):
+            continue  # incomplete or damaged: not a checkpoint to rank
+        if isinstance(meta, dict) and "epoch" in meta:
+            found[int(meta["epoch"])] = (f"{scheme}{entry.path}", meta)
+    return found
+
+
+@contextmanager
+def local_checkpoint(checkpoint: str) -> Iterator[Path]:
+    """A checkpoint folder on this disk: as it is, or copied from an object store first."""
+    if "://" not in checkpoint:
+        yield Path(checkpoint)
+        return
+    import pyarrow.fs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+        pyarrow.fs.copy_files(path, tmp, source_filesystem=filesystem)
+        yield Path(tmp)
 
 
 def load_state(directory: Path) -> dict[str, Any]:
@@ -67,10 +112,10 @@ def load_state(directory: Path) -> dict[str, Any]:
     state_file, meta_file = directory / STATE_FILE, directory / META_FILE
     if not state_file.is_file() or not meta_file.is_file():
         raise CheckpointError(f"checkpoint {directory}: incomplete, {STATE_FILE} or {META_FILE} is missing")
-    try:
-        expected = json.loads(meta_file.read_text()).get("sha256")  # absent in checkpoints from before checksums
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is not valid JSON") from None
+    meta = read_meta(directory)
+    if meta is None:
+        raise CheckpointError(f"checkpoint {directory}: {META_FILE} is damaged (not the summary JSON it should be)")
+    expected = meta.get("sha256")  # absent in checkpoints from before checksums
     if expected and file_sha256(state_file) != expected:
         raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} does not match its checksum (truncated or altered)")
     try:
@@ -164,12 +209,14 @@ def _older_siblings(checkpoint: Any) -> list[Any]:
 
 
 class LocalSession:
-    """One process, no Ray: checkpoints written atomically and pruned to the best `keep` plus the latest."""
+    """One process, no Ray: checkpoints written atomically and pruned to the best `keep` plus the latest.
+
+    `metric` ranks them (the best is the run's model); None (no validation): the newest are kept."""
 
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path, *, keep: int, metric: str, mode: Literal["min", "max"], device: torch.device):
+    def __init__(self, run_dir: Path, *, keep: int, metric: str | None, mode: Literal["min", "max"], device: torch.device):
         self.run_dir = run_dir
         self.keep, self.metric, self.mode = keep, metric, mode
         self.device = device
@@ -180,11 +227,12 @@ class LocalSession:
         return model
 
     def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a half-written one is still a dot-folder)."""
+        """Complete checkpoints, oldest first (a half-written one is still a dot-folder; a damaged summary,
+        as after a full disk, is passed over here and named by `restore`)."""
         return sorted(p for p in self.run_dir.glob("checkpoint_epoch=*") if (p / META_FILE).is_file())
 
     def best_checkpoint(self) -> Path | None:
-        ranked = sorted(self.checkpoints(), key=self._score, reverse=self.mode == "max")
+        ranked = sorted(self.checkpoints(), key=self._score, reverse=self._descending)
         return ranked[0] if ranked else None
 
     def restore(self) -> dict[str, Any] | None:
@@ -202,14 +250,20 @@ class LocalSession:
         os.replace(tmp, final)
         self._prune()
 
+    @property
+    def _descending(self) -> bool:
+        return self.metric is None or self.mode == "max"  # by recency: the newest first
+
     def _score(self, checkpoint: Path) -> float:
-        metrics = json.loads((checkpoint / META_FILE).read_text())["metrics"]
-        return float(metrics.get(self.metric, float("nan")))
+        meta = read_meta(checkpoint)
+        if meta is None:  # damaged: ranked last, so pruned first
+            return -math.inf if self._descending else math.inf
+        return float(meta["epoch"] if self.metric is None else meta["metrics"].get(self.metric, math.nan))
 
     def _prune(self) -> None:
         found = self.checkpoints()
         latest = found[-1]
-        ranked = sorted(found, key=self._score, reverse=self.mode == "max")
+        ranked = sorted(found, key=self._score, reverse=self._descending)
         for checkpoint in ranked[self.keep :]:
             if checkpoint != latest:  # the latest always stays: it is where a resumed run starts
                 shutil.rmtree(checkpoint)

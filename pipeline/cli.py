@@ -9,7 +9,9 @@
     pipeline jobs status ID --address http://127.0.0.1:8265
     python -m pipeline train conf/linear_regression.yaml --output json
 
-Exit codes: 0 done, 1 training failed, 2 bad input (config, data, arguments, model reference), 130 interrupted.
+Options and key.path=value overrides may come in any order. Exit codes: 0 done (also: already trained),
+1 training failed, 2 bad input (config, data, arguments, model reference, resources this machine lacks),
+130 interrupted by Ctrl-C, 143 stopped by SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -24,11 +27,18 @@ import sys
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, load_config
+from pipeline.runtime import Terminated, exit_now, install_signal_handlers, stop_ray
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143: the shells' convention
+RESUME_HINT = {
+    "train": "run the same command again to resume from the latest checkpoint",
+    "tune": "run the same command again to continue the search; finished trials are kept",
+    "submit": "stopped following; the job goes on: `pipeline jobs stop ID` stops it",
+}
 
 
 def _experiment_command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
@@ -51,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("tune", "search the conf's tune.space with Ray Tune; register the best trial"),
                        ("run", "the whole job: search, then (tune.retrain_best) retrain the best on train+val and test it")):  # fmt: skip
         search = _experiment_command(commands, name, text)
-        search.add_argument("--resume", action="store_true", help="continue an interrupted search; finished trials are kept")
+        search.add_argument("--resume", action="store_true", help="accepted for older scripts: the same command resumes anyway")
     predict = commands.add_parser("predict", help="run a registered model on images, .npy arrays or tables")
     predict.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion, or NAME/VERSION")
     predict.add_argument("inputs", nargs="+", metavar="INPUT", help=".png/.jpg images, .npy arrays, .csv/.parquet tables")
@@ -79,8 +89,22 @@ def _cluster_command(commands: argparse._SubParsersAction, name: str, text: str)
     return command
 
 
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Options and overrides in any order: `train CONF --fresh a=1 b=2` as well as `train CONF a=1 b=2 --fresh`."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *overrides]
+        extra = [arg for arg in extra if arg not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse_arguments(argv)
+    install_signal_handlers()  # SIGTERM ends a run as Ctrl-C does: runs marked KILLED, Ray stopped, exit 143
     # Your own model (model.name=my_nets:Net) imports from where you run `pipeline`, as `python -m
     # pipeline` has it: the console script's sys.path starts at its own folder instead.
     if os.getcwd() not in sys.path:
@@ -97,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        if args.command == "train":
-            print("interrupted; run the same command again to resume from the latest checkpoint", file=sys.stderr)
-        elif args.command in ("tune", "run"):
-            print("interrupted; add --resume to the same command to continue the search", file=sys.stderr)
-        elif args.command in ("submit", "jobs"):
-            print("stopped following; the job goes on: `pipeline jobs stop ID` stops it", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated): what ran is marked KILLED already
+        how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+        hint = RESUME_HINT.get({"run": "tune", "jobs": "submit"}.get(args.command, args.command))
+        print(f"{how}{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+        if isinstance(interrupt, Terminated):
+            exit_now(EXIT_TERMINATED)
+        stop_ray()  # no Ray process of ours outlives this one
         return EXIT_INTERRUPTED
 
 
@@ -150,10 +174,24 @@ def _train(args: argparse.Namespace) -> int:
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
         return _training_failed(err)
     if args.output == "json":
-        print(json.dumps(result.summary()))
+        print(json_line(result.summary()))
     else:
         print_summary(result.summary())
     return 0
+
+
+def json_line(result: dict) -> str:
+    """Strict JSON (RFC 8259): a NaN or infinite value is null, never the bare NaN that parsers refuse."""
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(result), default=str, allow_nan=False)
 
 
 def _training_failed(err: Exception) -> int:
@@ -175,15 +213,14 @@ def _search(args: argparse.Namespace) -> int:
     try:
         with TrialTable(*search_metric(cfg)) as table:
             if args.command == "tune":
-                result = {"search": run_search(cfg, resume=args.resume, fresh=args.fresh, register=not args.no_register,
-                                               on_event=table, verbose=args.verbose).summary()}  # fmt: skip
+                result = {"search": run_search(cfg, fresh=args.fresh, register=not args.no_register, on_event=table,
+                                               verbose=args.verbose).summary()}  # fmt: skip
             else:
-                result = run_pipeline(cfg, resume=args.resume, fresh=args.fresh, register=not args.no_register,
-                                      on_event=table, verbose=args.verbose)  # fmt: skip
+                result = run_pipeline(cfg, fresh=args.fresh, register=not args.no_register, on_event=table, verbose=args.verbose)
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
         return _training_failed(err)
     if args.output == "json":
-        print(json.dumps(result, default=str))
+        print(json_line(result))
         return 0
     print_search(result["search"])
     if "retrained" in result:

@@ -57,7 +57,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: optim.lr=.inf or a NaN weight decay is refused here, not discovered as a diverged run.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(_Section):
@@ -162,6 +163,10 @@ class ScalingSection(_Section):
     # How Ray places the workers across nodes: PACK fills one node first (fast, shared memory), SPREAD
     # and STRICT_SPREAD put them on different nodes (STRICT: one per node, or the run waits for nodes).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # On a cluster (RAY_ADDRESS), how long a run may wait for its workers' resources before it gives up
+    # (exit 1). Unset: as long as it takes, as an autoscaling cluster adding nodes needs. A local Ray that
+    # can never fit the run refuses it at once instead (exit 2).
+    resource_wait_s: float | None = Field(None, gt=0)
 
 
 class TrackingConfig(_Section):
@@ -201,7 +206,8 @@ class TuneSection(_Section):
 
 
 class ExperimentConfig(_Section):
-    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.-]+$")
+    # One safe path segment: the run's folder is <storage_path>/<name>/ (no "." or "..", no leading dot).
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=200)
     seed: int = Field(0, ge=0)
     loss: Literal[LOSS_NAMES] = "cross_entropy"  # type: ignore[valid-type]
     storage_path: str = "runs"

@@ -54,8 +54,8 @@ class TrainingDisplay:
     def __call__(self, event: dict[str, Any]) -> None:
         if event["event"] == "batch":
             self._on_batch(event)
-        elif event["event"] == "warning":
-            self.progress.console.print(f"warning: {event['message']}", style="yellow", soft_wrap=True)
+        elif event["event"] in NOTICES:
+            print_notice(self.progress.console, event)
         elif event["event"] == "epoch":
             metrics = event["metrics"]
             self.progress.console.print(f"epoch {metrics['epoch']}/{self.epochs}  {format_metrics(metrics)}", soft_wrap=True)
@@ -70,16 +70,30 @@ class TrainingDisplay:
         self.progress.update(self.task, completed=event["step"], **fields)
 
 
+# Events that are a line of text: what happens to the run (info), a problem (warning), a wait (waiting).
+NOTICES = {"info": "", "warning": "warning: ", "waiting": ""}
+NOTICE_STYLES = {"info": "bold", "warning": "yellow", "waiting": "cyan"}
+
+
+def print_notice(console: Console, event: dict[str, Any], prefix: str = "") -> None:
+    console.print(f"{prefix}{NOTICES[event['event']]}{event['message']}", style=NOTICE_STYLES[event["event"]], soft_wrap=True)
+
+
 def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The run: which one and what this command did, its last epoch, its model (checkpoint, test), registration."""
     console = console or Console()
-    table = Table(title=f"run {summary['run_name']}", show_header=False)
+    table = Table(title=f"run {summary['run_name']} ({summary['run_key']}): {summary['outcome']}", show_header=False)
     for key, value in summary["metrics"].items():
-        table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
-    table.add_row("best checkpoint", str(summary["checkpoint"]))
+        table.add_row(f"last epoch: {key}" if key != "epoch" else "last epoch", _cell(value))
+    model = summary.get("checkpoint_metrics") or {}
+    table.add_row("model", f"{summary['checkpoint']} (epoch {model.get('epoch', '?')})")
+    for key, value in model.items():
+        if key.startswith(("val_", "test_")):
+            table.add_row(f"model: {key}", _cell(value))
     if summary.get("mlflow_run_id"):
         table.add_row("mlflow run", summary["mlflow_run_id"])
     if registration := summary.get("registration"):
-        table.add_row("registered", f"{registration['name']} version {registration['version']} @{registration['alias']}")
+        table.add_row("registered", f"{registration['name']} version {registration['version']} @{registration['alias']}: {registration['reason']}")
     console.print(table)
 
 
@@ -102,19 +116,19 @@ class TrialTable:
             self.live.stop()
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if event["event"] == "warning":
-            self.console.print(f"trial {event['trial']}: warning: {event['message']}", style="yellow", soft_wrap=True)
+        if event["event"] in NOTICES:
+            print_notice(self.console, event, prefix=f"trial {event['trial']}: " if "trial" in event else "")
             return
         row = self.rows.setdefault(event["trial"], {"params": {}, "epoch": 0, "last": None, "best": None})
         if event["event"] == "trial_start":
             row["params"] = event["params"]
         elif event["event"] == "epoch":
-            value = event["metrics"].get(self.metric)
+            value = event["metrics"].get(self.metric)  # None for a run without validation (the retrained best)
             row["epoch"], row["last"] = event["metrics"]["epoch"], value
-            better = row["best"] is None or (value > row["best"] if self.mode == "max" else value < row["best"])
+            better = row["best"] is None or (value is not None and (value > row["best"] if self.mode == "max" else value < row["best"]))
             row["best"] = value if better else row["best"]
             if not self.console.is_terminal:
-                self.console.print(f"trial {event['trial']} epoch {row['epoch']}  {self.metric}={value:.4g}")
+                self.console.print(f"trial {event['trial']} epoch {row['epoch']}  {format_metrics(event['metrics'])}", soft_wrap=True)
         if self.console.is_terminal:
             self.live.update(self._table())
 
@@ -132,7 +146,9 @@ class TrialTable:
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value >= 1e5 else f"{value:.4g}"
+    return str(value)
 
 
 def print_search(summary: dict[str, Any], console: Console | None = None) -> None:

@@ -43,8 +43,10 @@ __all__ = [
     "batch_indices",
     "decoded_mb",
     "file_sha256",
+    "has_validation",
     "load_split_rows",
     "load_splits",
+    "load_test_split",
     "materialize",
     "normalizer",
     "shard_indices",
@@ -511,14 +513,14 @@ class SplitRows:
         return (self.x, self.y) if self.rows is None else (self.x[self.rows], self.y[self.rows])
 
 
-def load_split_rows(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, SplitRows]:
-    """Read the Parquet files once: train and val (carved from train by `val_fraction`), and test."""
+def load_split_rows(spec: DatasetSpec, cfg: DataConfig, seed: int, *, test: bool = True) -> dict[str, SplitRows]:
+    """Read the Parquet files once: train and val (carved from train by `val_fraction`), and (`test`) test."""
     x, y = _read_parquet_split(spec, "train")
     train, val = _carve(len(y), cfg.val_fraction, seed)
     splits = {"train": SplitRows(x, y, train)}
     if len(val):
         splits["val"] = SplitRows(x, y, val)
-    if "test" in spec.rows:
+    if test and "test" in spec.rows:
         splits["test"] = SplitRows(*_read_parquet_split(spec, "test"), None)
     if cfg.limit:
         for split in splits.values():
@@ -529,6 +531,17 @@ def load_split_rows(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, 
 def load_splits(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict[str, Split]:
     """Each split as its own (x, y) arrays: for plots and inspection; training uses `load_split_rows`."""
     return {name: split.arrays() for name, split in load_split_rows(spec, cfg, seed).items()}
+
+
+def load_test_split(spec: DatasetSpec, cfg: DataConfig) -> Split:
+    """The test split alone (its first `limit` rows where set), for the evaluation of a chosen checkpoint."""
+    x, y = _read_parquet_split(spec, "test")
+    return (x[: cfg.limit], y[: cfg.limit]) if cfg.limit else (x, y)
+
+
+def has_validation(spec: DatasetSpec, cfg: DataConfig) -> bool:
+    """Whether training holds out validation rows (data.val_fraction > 0 of at least one row)."""
+    return val_rows(spec.rows["train"], cfg.val_fraction) > 0
 
 
 def _carve(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -585,7 +598,8 @@ def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
     """The splits as Ray Data datasets read from the Parquet files, for `TorchTrainer(datasets=...)`.
 
     Nothing is read here: each worker streams its shard of each epoch. train and val are the rows
-    that `load_split_rows` would pick (the same seeded permutation, matched on the `row` column)."""
+    that `load_split_rows` would pick (the same seeded permutation, matched on the `row` column). The test
+    split is not among them: it is evaluated on the driver, on the checkpoint the run chose."""
     import ray.data
 
     directory = Path(spec.directory)
@@ -596,8 +610,6 @@ def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
     datasets = {"train": source.randomize_block_order().map_batches(_rows_in(held_out, keep=False), batch_format="numpy")}
     if len(held_out):
         datasets["val"] = source.map_batches(_rows_in(held_out, keep=True), batch_format="numpy")
-    if "test" in spec.rows:
-        datasets["test"] = ray.data.read_parquet(str(directory / "test.parquet")).select_columns(["x", "y"])
     if cfg.limit:
         datasets = {name: dataset.limit(cfg.limit) for name, dataset in datasets.items()}
     return datasets

@@ -1,11 +1,14 @@
-"""The model registry: log the best checkpoint as an MLflow model, register it, crown it, load it by name.
+"""The model registry: log a run's checkpoint as an MLflow model, register it, crown it, load it by name.
 
-    registration = register_best(run, "mnist_mlp", checkpoint_dir, example, metric="val_accuracy", mode="max", ...)
+    registration = register_best(run, "mnist_mlp", checkpoint_dir, example, metric="test_accuracy", split="test", ...)
     model = load_model("mnist_mlp@champion")       # a Predictor: nn.Module in eval mode, preprocessing inside
 
-Champion / challenger: a new version takes the alias `champion` only if its metric beats the current
-champion's (strictly); otherwise it takes `challenger`. The decision and both values are version tags.
-A version whose aliasing fails is deleted again: no orphaned versions.
+Champion / challenger: a new version takes the alias `champion` only if its metric strictly beats the
+current champion's, measured on the same rows: the same metric of the same split (test where the data
+set has one) of the same data (data hash). A version that cannot be compared with the champion (other
+data, another metric) becomes challenger, and its tags say why. The decision, both values, the metric
+and its split are version tags. A checkpoint is registered at most once: registering the same run's
+same epoch again returns that version. A version whose aliasing fails is deleted again: no orphans.
 """
 
 from __future__ import annotations
@@ -44,13 +47,38 @@ class RegistryError(ValueError):
 class Registration:
     name: str
     version: str
-    alias: str  # champion or challenger
+    alias: str  # champion or challenger (or none, for an earlier registration whose alias moved on)
     metric: str
+    split: str  # the rows the metric was measured on: test, or val where the data set has no test split
     value: float
-    champion_value: float | None  # the champion's metric before this version (None: there was none)
+    champion_value: float | None  # the champion's metric before this version (None: none, or not comparable)
+    reason: str  # why this alias, in words
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Measure:
+    """What a version is ranked by: a metric, measured on a split of one data set (its content hash)."""
+
+    metric: str
+    split: str
+    data_hash: str
+    mode: str
+
+    def of(self, version: Any) -> float | None:
+        """`version`'s value of this measure, or None if it was measured otherwise (not comparable)."""
+        tags = version.tags
+        if tags.get("metric") != self.metric or tags.get("metric_split", self.split) != self.split:
+            return None
+        if tags.get("data_hash") != self.data_hash or "metric_value" not in tags:
+            return None
+        value = float(tags["metric_value"])
+        return None if math.isnan(value) else value
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
 
 
 def register_best(
@@ -60,30 +88,59 @@ def register_best(
     example: np.ndarray | pd.DataFrame,
     *,
     metric: str,
+    split: str,
     mode: str,
     value: float,
+    epoch: int,
     tags: dict[str, str],
 ) -> Registration:
-    """Log `checkpoint_dir` as the run's model, register it under `name`, and give it its alias."""
+    """Log `checkpoint_dir` (epoch `epoch` of `run`) as the run's model, register it under `name`, alias it."""
     from mlflow.exceptions import MlflowException
 
-    logged = _log_model(run, checkpoint_dir, example)
+    if not math.isfinite(value):
+        raise RegistryError(f"{metric} is {value}: a model with a non-finite {metric} is not registered")
     mlflow_client = client(run.uri)
+    earlier = _registered(mlflow_client, name, run.run_id, epoch)
+    if earlier is not None:
+        return earlier
+    logged = _log_model(run, checkpoint_dir, example)
     try:
         mlflow_client.create_registered_model(name)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    version_tags = {**tags, "metric": metric, "metric_value": repr(value)}
+    measure = Measure(metric, split, tags.get("data_hash", ""), mode)
+    version_tags = {**tags, "metric": metric, "metric_split": split, "metric_value": repr(value), "checkpoint_epoch": str(epoch)}
     version = mlflow_client.create_model_version(
         name, logged.model_uri, run_id=run.run_id, tags=version_tags, model_id=logged.model_id
     )
     try:
-        alias, champion_value = _crown(mlflow_client, name, version.version, metric, mode, value)
+        alias, champion_value, reason = _crown(mlflow_client, name, version.version, measure, value)
     except BaseException:
         _delete_version(mlflow_client, name, version.version)
         raise
-    return Registration(name, version.version, alias, metric, value, champion_value)
+    return Registration(name, version.version, alias, metric, split, value, champion_value, reason)
+
+
+def _registered(mlflow_client: MlflowClient, name: str, run_id: str, epoch: int) -> Registration | None:
+    """The version that already holds this run's checkpoint of `epoch`, if there is one."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    for version in found:
+        tags = version.tags
+        if tags.get("checkpoint_epoch") == str(epoch) and "metric_value" in tags:
+            aliases = mlflow_client.get_registered_model(name).aliases
+            alias = next((a for a, v in aliases.items() if str(v) == str(version.version)), "none")
+            champion_value = tags.get("champion_metric_value", "none")
+            return Registration(
+                name, str(version.version), alias, tags["metric"], tags.get("metric_split", "val"), float(tags["metric_value"]),
+                None if champion_value == "none" else float(champion_value), "already registered: this checkpoint is this version",
+            )  # fmt: skip
+    return None
 
 
 def _log_model(run: TrackedRun, checkpoint_dir: Path, example: np.ndarray | pd.DataFrame) -> Any:
@@ -117,61 +174,62 @@ def _requirements() -> list[str]:
     return pins
 
 
-def _crown(
-    mlflow_client: MlflowClient, name: str, version: str, metric: str, mode: str, value: float
-) -> tuple[str, float | None]:
-    """Give the new version `champion` if it strictly beats the current one, else `challenger`.
+def _crown(mlflow_client: MlflowClient, name: str, version: str, measure: Measure, value: float) -> tuple[str, float | None, str]:
+    """Give the new version `champion` if it strictly beats the current one on the same measure, else `challenger`.
 
     The registry has no transactions: another registration of the same name may move the alias between
-    this read and this write. So every registration then settles the champion on the best version it
-    can see, and the last one to finish has seen them all."""
+    this read and this write. So every registration then settles the champion on the best comparable
+    version it can see, and the last one to finish has seen them all."""
     champion = _version_by_alias(mlflow_client, name, CHAMPION)
-    champion_value = _metric_of(mlflow_client, champion, metric) if champion else None
-    wins = champion_value is None or _better(value, champion_value, mode)
+    champion_value = measure.of(champion) if champion else None
+    if champion is None:
+        wins, reason = True, "the first version measured so"
+    elif champion_value is None:
+        wins, reason = False, _not_comparable(champion, measure)
+    else:
+        wins = measure.better(value, champion_value)
+        relation = "beats" if wins else "does not beat"
+        reason = f"{measure.metric} {value:.6g} {relation} champion version {champion.version}'s {champion_value:.6g}"
     mlflow_client.set_registered_model_alias(name, CHAMPION if wins else CHALLENGER, version)
-    alias = CHAMPION if _settle_champion(mlflow_client, name, metric, mode) == str(version) else CHALLENGER
+    alias = CHAMPION if _settle_champion(mlflow_client, name, measure) == str(version) else CHALLENGER
     if wins and alias == CHALLENGER:  # a better version registered meanwhile took the champion
         mlflow_client.set_registered_model_alias(name, CHALLENGER, version)
+        reason = "a better version registered at the same time took the champion"
     decision = {
         "decision": alias,
+        "decision_reason": reason,
         "champion_metric_value": "none" if champion_value is None else repr(champion_value),
         "champion_version": champion.version if champion else "none",
     }
     for key, text in decision.items():
         mlflow_client.set_model_version_tag(name, version, key, text)
-    return alias, champion_value
+    return alias, champion_value, reason
 
 
-def _better(value: float, than: float, mode: str) -> bool:
-    return value > than if mode == "max" else value < than
+def _not_comparable(champion: Any, measure: Measure) -> str:
+    tags = champion.tags
+    if tags.get("data_hash") != measure.data_hash:
+        return (f"not compared: champion version {champion.version} was trained and measured on other data "
+                f"(data_hash {tags.get('data_hash', 'unknown')}, this one {measure.data_hash})")  # fmt: skip
+    return (f"not compared: champion version {champion.version} is ranked by {tags.get('metric', 'unknown')} on "
+            f"{tags.get('metric_split', 'unknown')}, this one by {measure.metric} on {measure.split}")  # fmt: skip
 
 
-def _settle_champion(mlflow_client: MlflowClient, name: str, metric: str, mode: str, attempts: int = 5) -> str | None:
-    """Move `champion` to the best version ranked by `metric` (the current holder keeps it on a tie); its version."""
+def _settle_champion(mlflow_client: MlflowClient, name: str, measure: Measure, attempts: int = 5) -> str | None:
+    """Move `champion` to the best version comparable with it (the holder keeps it on a tie); its version."""
     holder = None
     for _ in range(attempts):
-        ranked = _ranked_versions(mlflow_client, name, metric)
         champion = _version_by_alias(mlflow_client, name, CHAMPION)
         holder = str(champion.version) if champion else None
-        if not ranked:
-            return holder
-        best_value = max(ranked.values()) if mode == "max" else min(ranked.values())
-        if holder in ranked and not _better(best_value, ranked[holder], mode):
+        if champion is None or measure.of(champion) is None:
+            return holder  # a champion measured otherwise is not ours to move
+        ranked = {str(v.version): x for v in mlflow_client.search_model_versions(f"name = '{name}'") if (x := measure.of(v)) is not None}
+        best_value = max(ranked.values()) if measure.mode == "max" else min(ranked.values())
+        if holder in ranked and not measure.better(best_value, ranked[holder]):
             return holder
         best = min((v for v, x in ranked.items() if x == best_value), key=int)  # the earliest of equals
         mlflow_client.set_registered_model_alias(name, CHAMPION, best)
     return holder
-
-
-def _ranked_versions(mlflow_client: MlflowClient, name: str, metric: str) -> dict[str, float]:
-    """Version -> its recorded value of `metric`, for the versions registered by that metric."""
-    ranked = {}
-    for found in mlflow_client.search_model_versions(f"name = '{name}'"):
-        if found.tags.get("metric") == metric and "metric_value" in found.tags:
-            value = float(found.tags["metric_value"])
-            if not math.isnan(value):
-                ranked[str(found.version)] = value  # str: stores differ in what they return
-    return ranked
 
 
 def _version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> Any:
@@ -181,16 +239,6 @@ def _version_by_alias(mlflow_client: MlflowClient, name: str, alias: str) -> Any
         return mlflow_client.get_model_version_by_alias(name, alias)
     except MlflowException:
         return None
-
-
-def _metric_of(mlflow_client: MlflowClient, version: Any, metric: str) -> float | None:
-    """A version's metric: its own tag, or its run's final value; None if it was ranked by another metric."""
-    if version.tags.get("metric") == metric and "metric_value" in version.tags:
-        return float(version.tags["metric_value"])
-    if version.run_id:
-        value = mlflow_client.get_run(version.run_id).data.metrics.get(metric)
-        return None if value is None or math.isnan(value) else value
-    return None
 
 
 def _delete_version(mlflow_client: MlflowClient, name: str, version: str) -> None:

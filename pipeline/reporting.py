@@ -1,19 +1,20 @@
-"""After a tracked training: the resolved config, the plots, and the best checkpoint in the registry.
+"""After a training: the chosen checkpoint tested, the config and plots logged, the model registered.
 
-    registration = report_run(run, cfg, best_checkpoint, register=True)
+    metrics = evaluate_checkpoint(cfg, spec, checkpoint)      # its epoch's metrics, and test_* measured on it
+    registration = report_run(run, cfg, spec, checkpoint, metrics, register=True)
 
-The plots are made from what MLflow recorded (every epoch, across resumes) and from the best
-checkpoint's predictions on the validation split (the test split where there is no validation split):
-learning curves always; a confusion matrix for classifiers; the decision boundary for 2-D classifiers;
-prediction against target for regression.
+The checkpoint was chosen by validation metrics (or is the last, without validation); the test split is
+evaluated on it here and never took part in choosing it. The registry compares versions on the same rows:
+the test split's metric where the data set has one, else the validation metric (`registry_metric`).
+The plots are made from what MLflow recorded (every epoch, across resumes) and from the checkpoint's
+predictions on the test split (the validation split where there is none): learning curves always; a
+confusion matrix for classifiers; the decision boundary for 2-D classifiers; prediction against target
+for regression.
 """
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,64 +22,83 @@ import torch
 import yaml
 
 from pipeline import plots
-from pipeline.checkpoints import load_state
+from pipeline.batches import target_for
+from pipeline.checkpoints import load_state, local_checkpoint
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec, load_splits
+from pipeline.data import DatasetSpec, load_split_rows, load_test_split
 from pipeline.registry import Registration, register_best
-from pipeline.serving import Predictor, build_predictor
-from pipeline.tracking import TrackedRun, client, log_figure, log_text, metric_history, safe_config
+from pipeline.serving import EVAL_BATCH, Predictor, build_predictor
+from pipeline.tracking import TrackedRun, client, log_figure, log_metrics, log_text, metric_history, safe_config, set_tags
+from pipeline.train import LOSSES, OneProcess, evaluate
 
-__all__ = ["registered_name", "report_run"]
+__all__ = ["evaluate_checkpoint", "registered_name", "registry_metric", "report_run"]
 
 EXAMPLE_ROWS = 4
-LINEAGE_TAGS = ("config_hash", "data_hash", "git_commit", "ray_run", "run_dir")
+LINEAGE_TAGS = ("config_hash", "data_hash", "git_commit", "ray_run", "run_dir", "run_key")
 
 
 def registered_name(cfg: ExperimentConfig) -> str:
     return cfg.tracking.register_as or cfg.tracking.experiment or cfg.name
 
 
-def report_run(run: TrackedRun, cfg: ExperimentConfig, checkpoint: str, *, register: bool) -> Registration | None:
-    """Log the config and plots to `run`; with `register`, register the best checkpoint (champion rule)."""
+def registry_metric(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[str, str]:
+    """The metric that ranks registered versions, and its split: the test split's where there is one."""
+    return (f"test_{cfg.metric.removeprefix('val_')}", "test") if "test" in spec.rows else (cfg.metric, "val")
+
+
+def evaluate_checkpoint(cfg: ExperimentConfig, spec: DatasetSpec, checkpoint: str) -> dict[str, Any]:
+    """The checkpoint's own epoch metrics, and the test split's loss and score measured on it."""
     with local_checkpoint(checkpoint) as folder:
         state = load_state(folder)
-        spec = DatasetSpec.from_json(state["dataset"])
+    metrics = dict(state["metrics"])
+    if "test" in spec.rows:
         predictor = build_predictor(cfg, spec, state["model"])
-        x, y = _evaluation_split(cfg, spec)
+        metrics.update(_test_metrics(predictor, cfg, spec))
+    return metrics
+
+
+@torch.no_grad()
+def _test_metrics(predictor: Predictor, cfg: ExperimentConfig, spec: DatasetSpec) -> dict[str, float]:
+    """The loop's own exact evaluation (`train.evaluate`), over the whole test split, preprocessing included."""
+    x, y = load_test_split(spec, cfg.data)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    predictor = predictor.to(device)
+    batches = (
+        (torch.from_numpy(np.require(x[i : i + EVAL_BATCH], requirements="CW")).to(device),
+         target_for(torch.from_numpy(np.require(y[i : i + EVAL_BATCH], requirements="CW")), cfg.loss).to(device))
+        for i in range(0, len(y), EVAL_BATCH)
+    )  # fmt: skip
+    return evaluate(predictor, batches, LOSSES[cfg.loss](), lambda batch: batch, cfg, OneProcess(device), prefix="test")
+
+
+def report_run(
+    run: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec, checkpoint: str, metrics: dict[str, Any], *, register: bool
+) -> Registration | None:
+    """Log the test metrics, config and plots to `run`; with `register`, register the checkpoint (champion rule)."""
+    epoch = int(metrics["epoch"])
+    tested = {k: v for k, v in metrics.items() if k.startswith("test_")}
+    if tested and epoch not in dict(metric_history(run, [next(iter(tested))]).get(next(iter(tested)), [])):
+        log_metrics(run, tested, step=epoch)  # at the step of the checkpoint they were measured on, once
+    set_tags(run, {"model_epoch": str(epoch)})
+    with local_checkpoint(checkpoint) as folder:
+        predictor = build_predictor(cfg, spec, load_state(folder)["model"])
+        x, y = _plotted_split(cfg, spec)
         log_text(run, yaml.safe_dump(safe_config(cfg), sort_keys=False), "config.yaml")
         _log_plots(run, cfg, spec, predictor, x, y)
         if not register:
             return None
+        metric, split = registry_metric(cfg, spec)
         tags = {k: v for k, v in client(run.uri).get_run(run.run_id).data.tags.items() if k in LINEAGE_TAGS}
         return register_best(
-            run,
-            registered_name(cfg),
-            folder,
-            _input_example(spec, x[:EXAMPLE_ROWS]),
-            metric=cfg.metric,
-            mode=cfg.metric_mode,
-            value=float(state["metrics"][cfg.metric]),
-            tags=tags,
-        )
+            run, registered_name(cfg), folder, _input_example(spec, x[:EXAMPLE_ROWS]),
+            metric=metric, split=split, mode=cfg.metric_mode, value=float(metrics[metric]), epoch=epoch, tags=tags,
+        )  # fmt: skip
 
 
-@contextmanager
-def local_checkpoint(checkpoint: str) -> Iterator[Path]:
-    """A checkpoint folder on this disk: as it is, or copied from an object store first."""
-    if "://" not in checkpoint:
-        yield Path(checkpoint)
-        return
-    import pyarrow.fs
-
-    with tempfile.TemporaryDirectory() as tmp:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
-        pyarrow.fs.copy_files(path, tmp, source_filesystem=filesystem)
-        yield Path(tmp)
-
-
-def _evaluation_split(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
-    splits = load_splits(spec, cfg.data, cfg.seed)
-    return splits["val"] if "val" in splits else splits["test"]
+def _plotted_split(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    if "test" in spec.rows:
+        return load_test_split(spec, cfg.data)
+    return load_split_rows(spec, cfg.data, cfg.seed, test=False)["val"].arrays()
 
 
 def _input_example(spec: DatasetSpec, x: np.ndarray) -> np.ndarray | pd.DataFrame:

@@ -45,6 +45,7 @@ __all__ = [
     "check_store",
     "child_runs",
     "end_run",
+    "end_running_children",
     "git_commit",
     "log_csv",
     "log_figure",
@@ -54,6 +55,7 @@ __all__ = [
     "open_run",
     "redact",
     "resolve_store",
+    "run_exists",
     "safe_config",
     "safe_params",
     "set_tags",
@@ -273,6 +275,16 @@ def open_run(
     return TrackedRun(store.uri, previous.info.run_id, exp_id, resumed=True)
 
 
+def run_exists(store: Store, run_id: str) -> bool:
+    """Whether this store holds the run (a run recorded in another store, or deleted since, does not count)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client(store.uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
 def _find_run(mlflow_client: MlflowClient, exp_id: str, run_dir: str) -> Any:
     quoted = run_dir.replace("'", "\\'")
     found = mlflow_client.search_runs(
@@ -396,6 +408,16 @@ def set_tags(run: TrackedRun, tags: dict[str, str]) -> None:
     mlflow_client = client(run.uri)
     for key, value in tags.items():
         mlflow_client.set_tag(run.run_id, key, value)
+
+
+def end_running_children(parent: TrackedRun, status: str) -> None:
+    """End the parent's child runs that are still RUNNING (trials cut short by Ctrl-C, say) with `status`."""
+    found = client(parent.uri).search_runs(
+        [parent.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}' and attributes.status = 'RUNNING'",
+        max_results=10_000,
+    )  # fmt: skip
+    for run in found:
+        end_run(TrackedRun(parent.uri, run.info.run_id, parent.experiment_id), status)
 
 
 def child_runs(parent: TrackedRun) -> dict[str, str]:

@@ -10,13 +10,13 @@ tuning reuses it. `run_training(cfg)` is the whole run: data, checks, trainer, r
 
 from __future__ import annotations
 
+import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,16 @@ import torch
 from torch import nn
 
 from pipeline.batches import InMemory, Pair, Streamed
-from pipeline.checkpoints import LocalSession, RaySession, Session, latest_meta, load_state
-from pipeline.config import ConfigError, ExperimentConfig, OptimConfig, flatten
-from pipeline.data import DatasetSpec, augment, decoded_mb, materialize, normalizer, streaming_datasets, train_rows
+from pipeline.checkpoints import CheckpointError, LocalSession, RaySession, Session, load_state
+from pipeline.config import ConfigError, ExperimentConfig, OptimConfig
+from pipeline.data import DatasetSpec, augment, decoded_mb, has_validation, materialize, normalizer, streaming_datasets, train_rows
 from pipeline.models import model_for, num_outputs
-from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, resolve_store
+from pipeline.runs import RunPlan, begin_run, finish_run, plan_run
+from pipeline.runtime import Needs, ResourceWaitTimeout, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
+from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, resolve_store, run_exists
 
 __all__ = [
+    "DivergedError",
     "TrainingResult",
     "build_trainer",
     "load_checkpoint",
@@ -125,6 +128,8 @@ def run_worker(
     state = session.restore()
     for message in session.skipped:
         warner(emit)(message)
+    if state is None and session.skipped:  # starting over would log a new model's epochs over the old ones'
+        raise CheckpointError("every checkpoint of this run is damaged; run the command with --fresh to train it from scratch")
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -141,10 +146,8 @@ def run_worker(
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         steps, batches = data.train_batches(epoch)
         metrics = {"epoch": epoch, **train_epoch(model, steps, batches, loss_fn, optimizer, prep, cfg, session, epoch, emit)}
-        evaluation = "val" if "val" in data.splits else "test"
-        metrics.update(evaluate(model, data.eval_batches(evaluation), loss_fn, prep.eval, cfg, session, prefix="val"))
-        if epoch == cfg.train.epochs and "test" in data.splits:
-            metrics.update(evaluate(model, data.eval_batches("test"), loss_fn, prep.eval, cfg, session, prefix="test"))
+        if "val" in data.splits:  # the test split is never seen here: it is for the chosen checkpoint alone
+            metrics.update(evaluate(model, data.eval_batches("val"), loss_fn, prep.eval, cfg, session, prefix="val"))
         history.append(metrics)
         state = _checkpoint_state(model, optimizer, history, cfg, spec) if session.rank == 0 else None
         if log_epoch:
@@ -203,10 +206,19 @@ def train_epoch(
         if emit and time.perf_counter() - last_tick > BATCH_EVENT_INTERVAL_S:
             last_tick = time.perf_counter()
             emit({"event": "batch", "epoch": epoch, "step": done, "steps": max(steps, done), "loss": loss.item()})
-    mean_loss = _all_reduce(loss_sum / max(done, 1), session) / session.world_size
+    mean_loss = (_all_reduce(loss_sum / max(done, 1), session) / session.world_size).item()
     elapsed = time.perf_counter() - started  # the all-reduce above waited for the device to finish
+    if not math.isfinite(mean_loss):  # every rank has the same all-reduced mean: every rank stops here
+        raise DivergedError(
+            f"train_loss is {mean_loss} in epoch {epoch}: the training diverged; lower optim.lr (now {cfg.optim.lr:g}) "
+            "or check the data for extreme values"
+        )
     samples = done * cfg.data.batch_size * session.world_size
-    return {"train_loss": mean_loss.item(), "samples_per_sec": samples / elapsed}
+    return {"train_loss": mean_loss, "samples_per_sec": samples / elapsed}
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops, and nothing of it is registered."""
 
 
 @torch.no_grad()
@@ -216,7 +228,7 @@ def evaluate(
     loss_fn: nn.Module,
     prep: Callable[[torch.Tensor], torch.Tensor],
     cfg: ExperimentConfig,
-    session: Session,
+    session: Session | OneProcess,
     prefix: str,
 ) -> dict[str, float]:
     """Loss and accuracy (or MSE) over the whole split: each rank its shard, then summed across ranks."""
@@ -241,7 +253,16 @@ def _correct(logits: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Ten
     return (logits.argmax(dim=1) == target).sum()
 
 
-def _all_reduce(value: torch.Tensor, session: Session) -> torch.Tensor:
+@dataclass(frozen=True)
+class OneProcess:
+    """Evaluation on the driver (the test split, on the chosen checkpoint): one process, nothing to all-reduce."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+
+def _all_reduce(value: torch.Tensor, session: Session | OneProcess) -> torch.Tensor:
     if session.world_size > 1:
         torch.distributed.all_reduce(value)
     return value
@@ -259,26 +280,7 @@ def _checkpoint_state(
         "history": list(history),  # every epoch's metrics: what the MLflow run lacks is logged from it
         "experiment": cfg.model_dump(mode="json"),  # with the dataset spec: enough to rebuild the model
         "dataset": spec.to_json(),
-        "architecture": architecture(cfg),
     }
-
-
-def architecture(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config keys a checkpoint's weights depend on: a run resumes only if they are unchanged."""
-    data = cfg.data.model_dump(include={"name", "path", "target"})
-    return {"model": cfg.model.model_dump(mode="json"), "loss": cfg.loss, "data": data}
-
-
-def _check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
-    meta = latest_meta(run_dir)
-    if meta is None or meta.get("architecture") == architecture(cfg):
-        return
-    before, now = flatten(meta.get("architecture", {})), flatten(architecture(cfg))
-    changed = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
-    raise ConfigError(
-        f"{run_dir} holds checkpoints of a different model ({changed}); "
-        f"add --fresh to start over, or give the run another name (name=...)"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -288,28 +290,30 @@ def _check_resumable(run_dir: Path, cfg: ExperimentConfig) -> None:
 @dataclass
 class TrainingResult:
     run_name: str
+    run_key: str  # the hash of what defines the run (runs.run_key): its folder is <storage_path>/<name>/<key>
     run_dir: str
-    metrics: dict[str, Any]
-    checkpoint: str | None  # the best checkpoint by the configured metric
+    outcome: str  # "trained" (a new run), "resumed", or "already trained" (nothing was trained)
+    epochs: int  # the last epoch the run has trained
+    metrics: dict[str, Any]  # the last epoch's
+    checkpoint: str | None  # the run's model: the best checkpoint by validation, else the last
+    checkpoint_metrics: dict[str, Any] = field(default_factory=dict)  # its epoch's metrics, and test_* measured on it
     history: list[dict[str, Any]] = field(default_factory=list)  # this invocation's epochs, in order
     mlflow_run_id: str | None = None
-    registration: dict[str, Any] | None = None  # name, version, alias, metric, value, champion_value
+    registration: dict[str, Any] | None = None  # name, version, alias, metric, split, value, champion_value, reason
 
     def summary(self) -> dict[str, Any]:
-        return {
-            "run_name": self.run_name,
-            "checkpoint": self.checkpoint,
-            "metrics": self.metrics,
-            "history": self.history,
-            "mlflow_run_id": self.mlflow_run_id,
-            "registration": self.registration,
-        }
+        return asdict(self)
 
 
 def epoch_metrics(cfg: ExperimentConfig) -> set[str]:
-    """The metrics every epoch reports (the last epoch adds test_* where there is a test split)."""
+    """The metrics every epoch reports with validation rows (without them, no val_*)."""
     score = "accuracy" if cfg.is_classifier else "mse"
     return {"epoch", "train_loss", "samples_per_sec", "val_loss", f"val_{score}"}
+
+
+def validation_metrics(cfg: ExperimentConfig) -> tuple[str, str]:
+    """What may rank checkpoints and trials: the validation split's figures, never the test split's."""
+    return "val_loss", f"val_{'accuracy' if cfg.is_classifier else 'mse'}"
 
 
 def prepare(cfg: ExperimentConfig) -> DatasetSpec:
@@ -330,10 +334,10 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
         )
     if runs_in_process(cfg, spec) and "://" in cfg.storage_path:
         raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs need a local folder (or scaling.runner=ray)")
-    if cfg.data.val_fraction == 0 and "test" not in spec.rows:
-        raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must be > 0")
-    if cfg.metric not in epoch_metrics(cfg):
-        raise ConfigError(f"train.metric: training never reports {cfg.metric!r}; use one of {', '.join(sorted(epoch_metrics(cfg)))}")
+    if not has_validation(spec, cfg.data) and "test" not in spec.rows:
+        raise ConfigError(f"data.val_fraction: {cfg.data.name} has no test split, so it must hold out validation rows (> 0)")
+    if cfg.metric not in validation_metrics(cfg):
+        raise ConfigError(f"train.metric: checkpoints are ranked by validation metrics only; use one of {', '.join(validation_metrics(cfg))}")
     _check_batch_fits(cfg, spec)
     _check_model_accepts(cfg, spec)
     return spec
@@ -368,11 +372,6 @@ def _check_model_accepts(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
         raise ConfigError(f"model.name: {cfg.model.name} returns shape {tuple(out.shape)}; {cfg.loss} on {cfg.data.name} needs {expected}")
 
 
-def storage_uri(cfg: ExperimentConfig) -> str:
-    """An absolute path (Ray workers run elsewhere) or an object-store / shared URI as given."""
-    return cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-
-
 def run_training(
     cfg: ExperimentConfig,
     *,
@@ -383,21 +382,27 @@ def run_training(
     register: bool = True,
     parent_run_id: str | None = None,
 ) -> TrainingResult:
-    """Train `cfg` to the end, resuming from its latest checkpoint unless `fresh`; `verbose` shows Ray's logs.
+    """Train the run that `cfg` identifies (runs.py) to `train.epochs`: a new run, resumed from its latest
+    checkpoint, or, when it is complete and nothing new is asked, not trained at all ("already trained").
 
-    With `track`, the run is recorded in MLflow (the same MLflow run when resumed) and, with `register`,
-    its best checkpoint is registered as champion or challenger. Bad input (data, model, an unreachable
-    tracking server) is refused before Ray starts or any MLflow run exists.
-    """
+    `fresh` starts that run over. With `track`, it is recorded in MLflow (one MLflow run per run, continued
+    on resume) and, with `register`, its checkpoint is registered through the champion rule, at most once.
+    Bad input (data, model, resources a local Ray lacks, an unreachable tracking server) is refused before
+    any MLflow run exists. `verbose` shows Ray's own logs."""
     spec = prepare(cfg)
     store = resolve_store(cfg.tracking.uri) if track else None
     if store:
         check_store(store)
-    run_dir = Path(storage_uri(cfg)) / cfg.name
-    if fresh:
-        _delete_run(storage_uri(cfg), cfg.name)
-    elif "://" not in cfg.storage_path:
-        _check_resumable(run_dir, cfg)
+    plan = plan_run(cfg, spec.data_hash, fresh=fresh)
+    if on_event and (plan.state != "new" or plan.previous_key or plan.fresh):
+        on_event({"event": "info", "message": plan.describe()})
+    if plan.state == "finished" and nothing_new(plan, store, cfg, register):
+        return TrainingResult(**{**(plan.record.result or {}), "outcome": "already trained", "history": []})
+    in_process = runs_in_process(cfg, spec)
+    if not in_process:
+        ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
+        check_fits(training_needs(cfg, spec), "lower scaling.num_workers or scaling.cpus_per_worker")
+    begin_run(plan, cfg)
     history: list[dict[str, Any]] = []
 
     def collect(event: Event) -> None:
@@ -406,35 +411,80 @@ def run_training(
         if on_event:
             on_event(event)
 
-    in_process = runs_in_process(cfg, spec)
-    if not in_process:
-        ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
-        check_stream_fits(cfg, spec)
-    run = _open_tracked_run(store, cfg, spec, fresh, parent_run_id) if store else None
+    run = _open_tracked_run(store, cfg, spec, plan, parent_run_id) if store else None
     with recording(run):
-        if in_process:
-            result = _run_in_process(cfg, spec, run_dir, collect, history, run)
-        else:
-            result = _run_on_ray(cfg, spec, collect, history, run)
-        if run is not None and result.checkpoint is not None:
-            result.mlflow_run_id = run.run_id
-            result.registration = _report(run, store, cfg, result.checkpoint, register)
+        runner = _run_in_process if in_process else _run_on_ray
+        trained = runner(cfg, spec, plan, collect, run)
+        result = _conclude(cfg, spec, plan, trained, history, run, store, register)
     return result
 
 
-def _report(run: TrackedRun, store: Store, cfg: ExperimentConfig, checkpoint: str, register: bool) -> dict[str, Any] | None:
+def training_needs(cfg: ExperimentConfig, spec: DatasetSpec) -> Needs:
+    """What a run on Ray Train workers takes: each worker's CPUs (and GPU), and a CPU for Ray Data's readers."""
+    workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    gpus = workers if uses_gpu(cfg, in_process=False) else 0
+    reader = 1 if streams(cfg, spec) else 0
+    what = f"{workers} workers x {cpus} CPU{'s' if cpus > 1 else ''}" + (" + 1 CPU for Ray Data's readers" if reader else "")
+    return Needs(workers * cpus + reader, gpus, what + (f", {gpus} GPUs" if gpus else ""))
+
+
+def nothing_new(plan: RunPlan, store: Store | None, cfg: ExperimentConfig, register: bool) -> bool:
+    """A complete run whose record this store has (its MLflow run, and its registration under this name)."""
+    from pipeline.reporting import registered_name
+
+    result = plan.record.result or {}
+    if store is None:
+        return True
+    if not result.get("mlflow_run_id") or not run_exists(store, result["mlflow_run_id"]):
+        return False  # tracked elsewhere or not at all before: recorded here from the checkpoints
+    registration = result.get("registration")
+    return not register or (registration is not None and registration["name"] == registered_name(cfg))
+
+
+@dataclass
+class _Trained:
+    """What a runner hands back: the last epoch's metrics and the checkpoint that stands for the run."""
+
+    metrics: dict[str, Any]
+    checkpoint: str | None
+
+
+def _conclude(
+    cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, trained: _Trained, history: list[dict[str, Any]],
+    run: TrackedRun | None, store: Store | None, register: bool,
+) -> TrainingResult:  # fmt: skip
+    """Test the run's checkpoint, report it to MLflow (and register it), and record the run as complete."""
+    from pipeline.reporting import evaluate_checkpoint
+
+    if trained.checkpoint is None:
+        raise TrainingError("the training reported no checkpoint")
+    checkpoint_metrics = evaluate_checkpoint(cfg, spec, trained.checkpoint)
+    result = TrainingResult(
+        cfg.name, plan.key, plan.folder, "trained" if plan.state == "new" else "resumed", int(trained.metrics["epoch"]),
+        trained.metrics, trained.checkpoint, checkpoint_metrics, history,
+    )  # fmt: skip
+    if run is not None and store is not None:
+        result.mlflow_run_id = run.run_id
+        result.registration = _report(run, store, cfg, spec, trained.checkpoint, checkpoint_metrics, register)
+    finish_run(plan, {k: v for k, v in result.summary().items() if k not in ("history", "outcome")})
+    return result
+
+
+def _report(
+    run: TrackedRun, store: Store, cfg: ExperimentConfig, spec: DatasetSpec, checkpoint: str, metrics: dict[str, Any], register: bool
+) -> dict[str, Any] | None:
     """Artifacts and registration at the end of a run; a tracking server that went away is said plainly."""
     from pipeline.reporting import report_run
 
     try:
-        registration = report_run(run, cfg, checkpoint, register=register)
+        registration = report_run(run, cfg, spec, checkpoint, metrics, register=register)
     except Exception as err:
         try:
             check_store(store)
         except ConfigError:
             raise TrackingUnavailable(
                 f"the MLflow server went away before the end of the run ({type(err).__name__}); the training finished and "
-                f"its checkpoints are in {storage_uri(cfg)}/{cfg.name}: run the same command again when the server "
+                f"its checkpoints are in {checkpoint.rsplit('/', 1)[0]}: run the same command again when the server "
                 "answers, and it logs what is missing and registers the model without training again"
             ) from err
         raise
@@ -445,23 +495,21 @@ class TrackingUnavailable(RuntimeError):
     """The MLflow server stopped answering during a run; the checkpoints are safe, a re-run completes it."""
 
 
-def _open_tracked_run(
-    store: Store, cfg: ExperimentConfig, spec: DatasetSpec, fresh: bool, parent_run_id: str | None
-) -> TrackedRun:
+def _open_tracked_run(store: Store, cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, parent_run_id: str | None) -> TrackedRun:
     in_process = runs_in_process(cfg, spec)
     tags = {
+        "run_key": plan.key,
         "num_workers": str(cfg.scaling.num_workers),
         "runner": "in_process" if in_process else "ray",
         "device": "cuda" if uses_gpu(cfg, in_process) else "cpu",
         "loader": "stream" if streams(cfg, spec) else "memory",
     }
-    run_dir = f"{storage_uri(cfg)}/{cfg.name}"
-    return open_run(store, cfg, spec, run_dir=run_dir, fresh=fresh, tags=tags, parent_run_id=parent_run_id)
+    return open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags, parent_run_id=parent_run_id)
 
 
 @contextmanager
 def recording(run: TrackedRun | None) -> Iterator[None]:
-    """End the MLflow run with the outcome: FINISHED, FAILED, or KILLED on Ctrl-C."""
+    """End the MLflow run with the outcome: FINISHED, FAILED, or KILLED on Ctrl-C and SIGTERM."""
     try:
         yield
     except KeyboardInterrupt:
@@ -491,7 +539,7 @@ def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec | None = None) -> b
         return cfg.scaling.runner == "in_process"
     if spec is not None and streams(cfg, spec):
         return False
-    one_local_worker = cfg.scaling.num_workers <= 1 and not os.environ.get("RAY_ADDRESS")
+    one_local_worker = cfg.scaling.num_workers <= 1 and not on_cluster()
     return cfg.scaling.num_workers == 0 or (one_local_worker and cfg.train.max_failures == 0)
 
 
@@ -500,23 +548,6 @@ def streams(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
     if cfg.data.loader != "auto":
         return cfg.data.loader == "stream"
     return decoded_mb(spec) > cfg.data.stream_above_mb
-
-
-def check_stream_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
-    """On a local Ray, streaming needs a CPU beside the workers for Ray Data's read tasks, or it waits forever.
-
-    Not checked on a cluster (RAY_ADDRESS): an autoscaling one adds nodes when asked."""
-    import ray
-
-    if not streams(cfg, spec) or os.environ.get("RAY_ADDRESS"):
-        return
-    total = ray.cluster_resources().get("CPU", 0)
-    workers = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    if total - workers < 1:
-        raise ConfigError(
-            f"data.loader: streaming reads the data in Ray Data tasks, which need a CPU beside the workers; this Ray has "
-            f"{total:.0f} CPUs and the workers take {workers}: use fewer workers (scaling.num_workers) or data.loader=memory"
-        )
 
 
 def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:
@@ -530,35 +561,31 @@ def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _delete_run(storage: str, name: str) -> None:
-    """--fresh: remove the run's checkpoints, on a local disk or in an object store."""
-    import pyarrow.fs
-
-    filesystem, root = pyarrow.fs.FileSystem.from_uri(storage)
-    path = f"{root.rstrip('/')}/{name}"
-    if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
-        filesystem.delete_dir(path)
+def ranking(cfg: ExperimentConfig, spec: DatasetSpec) -> tuple[str | None, str]:
+    """The metric and order that rank a run's checkpoints: validation only; without it (None), recency."""
+    return (cfg.metric, cfg.metric_mode) if has_validation(spec, cfg.data) else (None, "max")
 
 
-def _run_in_process(
-    cfg: ExperimentConfig, spec: DatasetSpec, run_dir: Path, emit: EmitFn, history: list, run: TrackedRun | None
-) -> TrainingResult:
+def _run_in_process(cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, emit: EmitFn, run: TrackedRun | None) -> _Trained:
     device = torch.device("cuda" if uses_gpu(cfg, in_process=True) else "cpu")
-    session = LocalSession(run_dir, keep=cfg.train.checkpoints_to_keep, metric=cfg.metric, mode=cfg.metric_mode, device=device)
+    metric, mode = ranking(cfg, spec)
+    session = LocalSession(Path(plan.folder), keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
     try:
         run_worker(cfg, spec, session, emit, EpochLogger(run, warner(emit)) if run else None)
     except Exception as err:  # as on Ray: the training's own error, named as the worker's
         raise TrainingError(f"worker 0: {type(err).__name__}: {err}") from err
     best = session.best_checkpoint()
-    return TrainingResult(cfg.name, str(run_dir), session.last_metrics or {}, str(best) if best else None, history)
+    return _Trained(session.last_metrics or {}, str(best) if best else None)
 
 
-def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, emit: EmitFn, history: list, run: TrackedRun | None) -> TrainingResult:
+def _run_on_ray(cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, emit: EmitFn, run: TrackedRun | None) -> _Trained:
     with event_pump(emit) as queue:
-        result = build_trainer(cfg, spec, progress_queue=queue, tracking=run).fit()
-    best = result.get_best_checkpoint(metric=cfg.metric, mode=cfg.metric_mode) if result.best_checkpoints else None
+        trainer = build_trainer(cfg, spec, plan.folder, progress_queue=queue, tracking=run)
+        result = run_interruptibly(trainer.fit, ResourceWatch(emit, cfg.scaling.resource_wait_s))
+    metric, mode = ranking(cfg, spec)
+    best = result.get_best_checkpoint(metric=metric, mode=mode) if metric and result.best_checkpoints else result.checkpoint
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    return TrainingResult(cfg.name, result.path, metrics, _checkpoint_location(cfg, best.path) if best else None, history)
+    return _Trained(metrics, _checkpoint_location(cfg, best.path) if best else None)
 
 
 def _checkpoint_location(cfg: ExperimentConfig, path: str) -> str:
@@ -570,6 +597,7 @@ def _checkpoint_location(cfg: ExperimentConfig, path: str) -> str:
 def build_trainer(
     cfg: ExperimentConfig,
     spec: DatasetSpec,
+    folder: str,
     *,
     progress_queue: Any = None,
     callbacks: list | None = None,
@@ -577,7 +605,8 @@ def build_trainer(
 ):
     """The one TorchTrainer of the project: training and every Tune trial are built here.
 
-    `tracking`: the MLflow run that rank 0 logs each epoch to (None: not tracked)."""
+    `folder`: the run's own folder (runs.RunPlan.folder), where Ray keeps its checkpoints and finds them
+    again on resume. `tracking`: the MLflow run that rank 0 logs each epoch to (None: not tracked)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -586,6 +615,8 @@ def build_trainer(
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(CONTROLLER_POLL_INTERVAL_S))
     use_gpu = uses_gpu(cfg, in_process=False)
     streaming = streams(cfg, spec)
+    metric, mode = ranking(cfg, spec)
+    storage, _, name = folder.rpartition("/")
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={
@@ -604,68 +635,16 @@ def build_trainer(
             placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=RunConfig(
-            name=cfg.name,  # no timestamp: the same name is how a re-run resumes
-            storage_path=storage_uri(cfg),
+            name=name,  # the run's key, no timestamp: the same run is how a re-run resumes
+            storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # Without validation (metric None), the newest checkpoints are kept and the last is the model.
             checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.checkpoints_to_keep,
-                checkpoint_score_attribute=cfg.metric,
-                checkpoint_score_order=cfg.metric_mode,
+                num_to_keep=cfg.train.checkpoints_to_keep, checkpoint_score_attribute=metric, checkpoint_score_order=mode
             ),
             callbacks=callbacks or [],
         ),
     )
-
-
-def ensure_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local Ray, unless this process is already connected.
-
-    A local Ray starts without its dashboard (about a second less) unless `dashboard`: Ray Train's
-    placement-group cleaner asks the dashboard's state API whether a trainer died, and a Tune trial
-    stopped early takes its worker group's resources with it otherwise."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    ray.init(
-        # "local": a Ray of our own, never one that happens to run on this machine (ray.init's default
-        # joins the newest local cluster, which may lack what this run needs, such as the dashboard).
-        address=address or "local",
-        include_dashboard=None if address else dashboard,
-        log_to_driver=verbose,
-        configure_logging=verbose,
-    )
-
-
-@contextmanager
-def event_pump(emit: EmitFn) -> Iterator[Any]:
-    """A Ray queue that rank 0 writes progress to, drained by a driver thread while fit() blocks."""
-    from ray.util.queue import Empty, Queue
-
-    queue = Queue()
-    stop = threading.Event()
-
-    def drain(block: bool) -> None:
-        while True:
-            try:
-                emit(queue.get(block=block, timeout=0.2))
-            except Empty:
-                return
-
-    def pump() -> None:
-        while not stop.is_set():
-            drain(block=True)
-
-    thread = threading.Thread(target=pump, daemon=True)
-    thread.start()
-    try:
-        yield queue
-    finally:
-        stop.set()
-        thread.join()
-        drain(block=False)  # whatever arrived after the thread's last look
-        queue.shutdown()
 
 
 def load_checkpoint(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -684,7 +663,7 @@ class TrainingError(RuntimeError):
 
 def training_failure(err: BaseException) -> str | None:
     """A one-line account of a failed training (the worker's own error), or None if it is not one."""
-    if isinstance(err, (TrainingError, TrackingUnavailable)):
+    if isinstance(err, (TrainingError, TrackingUnavailable, ResourceWaitTimeout)):
         return str(err)
     from ray.train import TrainingFailedError
 

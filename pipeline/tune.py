@@ -10,8 +10,10 @@ function (`trial_driver`) that applies its values to the config and trains it on
   trial of a small model is not dominated by the ~10 s start of a worker group);
 - workers: `train.build_trainer(...)` with Ray's `TuneReportCallback` (Train V2's Tune pattern), N DDP
   workers per trial.
-ASHA (time attribute: epoch) stops poor trials early. MLflow gets one parent run per search and one
-child run per trial; the best trial's best checkpoint is registered once (champion / challenger).
+ASHA (time attribute: epoch) stops poor trials early. Trials are selected on validation metrics only.
+MLflow gets one parent run per search and one child run per trial; the best trial's best checkpoint is
+tested on the test split and registered once (champion / challenger). A search is a run (runs.py): the
+same command resumes it or reports it complete; a changed config or space is a new search.
 """
 
 from __future__ import annotations
@@ -21,22 +23,25 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from ray.tune import ProgressReporter
 
-from pipeline.checkpoints import LocalSession
+from pipeline.checkpoints import LocalSession, run_checkpoints
 from pipeline.config import ConfigError, ExperimentConfig, with_values
-from pipeline.data import DatasetSpec
+from pipeline.data import DatasetSpec, has_validation
+from pipeline.runs import RunPlan, begin_run, finish_run, plan_run, run_folder
+from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
 from pipeline.tracking import (
     Store,
     TrackedRun,
     check_store,
     child_runs,
     end_run,
+    end_running_children,
     log_csv,
     log_figure,
     log_metrics,
@@ -49,24 +54,24 @@ from pipeline.tracking import (
 from pipeline.train import (
     EmitFn,
     EpochLogger,
+    TrainingError,
     build_trainer,
-    check_stream_fits,
-    ensure_ray,
-    epoch_metrics,
-    event_pump,
+    nothing_new,
     prepare,
+    ranking,
     recording,
     run_training,
     run_worker,
-    storage_uri,
     streams,
+    training_needs,
     uses_gpu,
+    validation_metrics,
     warner,
 )
 
-__all__ = ["SearchResult", "parse_space", "run_pipeline", "run_search", "search_dir", "trial_config"]
+__all__ = ["SearchResult", "parse_space", "run_pipeline", "run_search", "trial_config"]
 
-CHECKPOINT_PATH = "checkpoint_path"  # the metric key under which each report names its checkpoint
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes Ray sets aside for a trial's driver process (scheduling only)
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(_|$)")  # in Tune's trial folder names
 
@@ -145,24 +150,21 @@ def _number(where: str, value: Any) -> float:
 
 
 def search_metric(cfg: ExperimentConfig) -> tuple[str, str]:
+    """The metric that selects trials, and its order: a validation metric, never the test split's."""
     metric = cfg.tune.metric or cfg.metric
-    if metric not in epoch_metrics(cfg):
-        raise ConfigError(f"tune.metric: training never reports {metric!r}; use one of {', '.join(sorted(epoch_metrics(cfg)))}")
+    if metric not in validation_metrics(cfg):
+        raise ConfigError(f"tune.metric: trials are selected by validation metrics only; use one of {', '.join(validation_metrics(cfg))}")
     mode = cfg.tune.mode or (cfg.metric_mode if metric == cfg.metric else ("max" if "accuracy" in metric else "min"))
     return metric, mode
 
 
-def search_dir(cfg: ExperimentConfig) -> str:
-    return f"{storage_uri(cfg)}/{cfg.name}-tune"
-
-
-def trial_config(base: ExperimentConfig, params: dict[str, Any], trial_id: str) -> ExperimentConfig:
-    """The experiment with one trial's values: its own run name and checkpoints, the search's MLflow experiment."""
+def trial_config(base: ExperimentConfig, params: dict[str, Any], trial_id: str, search_folder: str) -> ExperimentConfig:
+    """The experiment with one trial's values: its own run under the search's folder, the search's MLflow experiment."""
     trial = with_values(base, params, source=f"trial {trial_id}")
     return trial.model_copy(
         update={
             "name": f"{base.name}-{trial_id}",
-            "storage_path": f"{search_dir(base)}/trials",
+            "storage_path": f"{search_folder}/trials",
             "tracking": trial.tracking.model_copy(update={"experiment": base.tracking.experiment or base.name}),
         }
     )
@@ -179,34 +181,36 @@ class TuneSession(LocalSession):
         from ray import tune
 
         super().report(metrics, state)
-        latest = self.checkpoints()[-1] if state is not None else None
-        tune.report({**metrics, **({CHECKPOINT_PATH: str(latest)} if latest else {})})
+        tune.report(metrics)
 
 
 def trial_driver(
-    params: dict[str, Any], *, base: dict, dataset: dict, store: dict, parent_run_id: str, queue: Any, in_process: bool
-) -> None:
-    """Tune's function trainable: train one point of the space, resuming its own checkpoints if any."""
+    params: dict[str, Any], *, base: dict, dataset: dict, store: dict, parent_run_id: str, queue: Any, in_process: bool,
+    search_folder: str,
+) -> None:  # fmt: skip
+    """Tune's function trainable: train one point of the space as a run of its own, resuming its checkpoints."""
     import ray
     import torch
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(ExperimentConfig.model_validate(base), params, trial_id)
+    cfg = trial_config(ExperimentConfig.model_validate(base), params, trial_id, search_folder)
     spec = DatasetSpec.from_json(dataset)
-    tags = {"trial_id": trial_id, **{f"hp.{key}": str(value) for key, value in params.items()}}
-    run = open_run(Store(**store), cfg, spec, run_dir=f"{storage_uri(cfg)}/{cfg.name}", fresh=False, tags=tags, parent_run_id=parent_run_id)
+    plan = plan_run(cfg, spec.data_hash, fresh=False)
+    begin_run(plan, cfg)
+    tags = {"trial_id": trial_id, "run_key": plan.key, **{f"hp.{key}": str(value) for key, value in params.items()}}
+    run = open_run(Store(**store), cfg, spec, run_dir=plan.folder, fresh=False, tags=tags, parent_run_id=parent_run_id)
     queue.put_nowait({"event": "trial_start", "trial": trial_id, "params": params})
     tagged = _TaggedQueue(queue, trial_id)
     if in_process:
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        session = TuneSession(Path(storage_uri(cfg)) / cfg.name, keep=cfg.train.checkpoints_to_keep,
-                              metric=cfg.metric, mode=cfg.metric_mode, device=device)  # fmt: skip
+        metric, mode = ranking(cfg, spec)
+        session = TuneSession(Path(plan.folder), keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
         run_worker(cfg, spec, session, tagged.put_nowait, EpochLogger(run, warner(tagged.put_nowait)))
     else:
         from ray.tune.integration.ray_train import TuneReportCallback
 
-        build_trainer(cfg, spec, progress_queue=tagged, callbacks=[TuneReportCallback()], tracking=run).fit()
+        build_trainer(cfg, spec, plan.folder, progress_queue=tagged, callbacks=[TuneReportCallback()], tracking=run).fit()
 
 
 @dataclass
@@ -219,6 +223,13 @@ class _TaggedQueue:
     def put_nowait(self, event: dict[str, Any]) -> None:
         if event["event"] != "batch":
             self.queue.put_nowait({**event, "trial": self.trial})
+
+
+@dataclass
+class _Emitter:
+    """An event callback with the queue's face, for _TaggedQueue."""
+
+    put_nowait: EmitFn
 
 
 def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
@@ -235,7 +246,7 @@ def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
         return cfg.tune.trial_runner == "in_process"
     if cfg.scaling.num_workers > 1 or streaming:  # Ray Data shards are for Ray Train workers
         return False
-    if not os.environ.get("RAY_ADDRESS"):
+    if not on_cluster():
         return True  # a local Ray is one node
     import ray
 
@@ -252,8 +263,8 @@ class Trial:
     params: dict[str, Any]
     status: str  # finished, stopped early, failed
     epochs: int
-    best: float | None  # the trial's best value of the search metric
-    history: list[tuple[int, float]] = field(default_factory=list)
+    best: float | None  # the trial's best value of the search metric (validation)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric), every epoch the trial ran
     best_checkpoint: str | None = None
     error: str | None = None
 
@@ -261,6 +272,8 @@ class Trial:
 @dataclass
 class SearchResult:
     name: str
+    key: str  # the search's run key (runs.run_key): its folder is <storage_path>/<name>-tune/<key>
+    outcome: str  # "searched", "resumed", or "already searched" (nothing was trained)
     metric: str
     mode: str
     trials: list[Trial]
@@ -272,57 +285,96 @@ class SearchResult:
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "key": self.key,
+            "outcome": self.outcome,
             "metric": self.metric,
             "mode": self.mode,
             "best_trial": self.best.trial_id,
             "best_params": self.best.params,
             "best_value": self.best.best,
-            "trials": [{k: v for k, v in t.__dict__.items() if k != "history"} for t in self.trials],
+            "trials": [asdict(t) for t in self.trials],
             "mlflow_run_id": self.mlflow_run_id,
             "registration": self.registration,
         }
+
+    @classmethod
+    def recorded(cls, summary: dict[str, Any], cfg: ExperimentConfig) -> SearchResult:
+        """A complete search, as its run record holds it."""
+        trials = [Trial(**{**t, "history": [tuple(p) for p in t["history"]]}) for t in summary["trials"]]
+        best = next(t for t in trials if t.trial_id == summary["best_trial"])
+        return cls(summary["name"], summary["key"], "already searched", summary["metric"], summary["mode"], trials, best,
+                   with_values(cfg, best.params), summary["mlflow_run_id"], summary["registration"])  # fmt: skip
 
 
 def run_search(
     cfg: ExperimentConfig,
     *,
-    resume: bool = False,
     fresh: bool = False,
     register: bool = True,
     on_event: EmitFn | None = None,
     verbose: bool = False,
 ) -> SearchResult:
-    """Search `tune.space`, track every trial, and register the best checkpoint (unless `register` is off)."""
+    """Search `tune.space`, track every trial, and register the best checkpoint (unless `register` is off).
+
+    The search is a run (runs.py): the same command resumes an unfinished search (finished trials kept,
+    unfinished ones from their checkpoints) or reports a complete one; a changed space or config is a new
+    search. Ctrl-C and SIGTERM stop it at once, its MLflow runs KILLED."""
     spec = prepare(cfg)
     dimensions = parse_space(cfg)
     metric, mode = search_metric(cfg)
+    if not has_validation(spec, cfg.data):
+        raise ConfigError("data.val_fraction: a search selects its trials on validation rows; set it above 0 (e.g. 0.1)")
     store = resolve_store(cfg.tracking.uri)
     check_store(store)
-    _check_search_dir(cfg, resume, fresh)
+    plan = plan_run(cfg, spec.data_hash, fresh=fresh, search=True)
+    emit = on_event or (lambda event: None)
+    if plan.state != "new" or plan.previous_key or plan.fresh:
+        emit({"event": "info", "message": plan.describe()})
+    if plan.state == "finished" and nothing_new(plan, store, cfg, register):
+        return SearchResult.recorded(plan.record.result or {}, cfg)
     in_process = runs_in_process(cfg, spec)
     ensure_ray(verbose, dashboard=not in_process)
-    check_stream_fits(cfg, spec)
-    concurrency = max_concurrent_trials(cfg, in_process)
-    tags = {"kind": "search", "scheduler": cfg.tune.scheduler, "search": cfg.tune.search, "trial_runner": "in_process" if in_process else "workers"}
-    parent = open_run(store, cfg, spec, run_dir=search_dir(cfg), fresh=not resume, tags=tags)
-    with recording(parent), event_pump(on_event or (lambda event: None)) as queue:
-        trainable = _trainable(cfg, spec, store, parent, queue, in_process)
-        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, resume, verbose, in_process)
-        with _tune_console(verbose):
-            grid = tuner.fit()
-        trials = [_trial(result, metric, mode, cfg.train.epochs) for result in grid]
-        best = _best(trials, mode)
-        result = SearchResult(cfg.name, metric, mode, trials, best, with_values(cfg, best.params), parent.run_id)
-        _report_search(parent, cfg, result, dimensions)
+    needs = trial_needs(cfg, spec, in_process)
+    check_fits(needs, "lower scaling.num_workers or scaling.cpus_per_worker")
+    concurrency = max_concurrent_trials(cfg, needs)
+    begin_run(plan, cfg)
+    tags = {"kind": "search", "run_key": plan.key, "scheduler": cfg.tune.scheduler, "search": cfg.tune.search,
+            "trial_runner": "in_process" if in_process else "workers"}  # fmt: skip
+    parent = open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags)
+    with recording(parent):
+        result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, in_process)
         if register:
-            result.registration = _register_best(parent, cfg, best, spec)
+            result.registration = _register_best(parent, cfg, spec, result.best, plan.folder)
+        finish_run(plan, {**result.summary(), "epochs": cfg.train.epochs})
+    return result
+
+
+def _search(
+    cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, store: Store, parent: TrackedRun, dimensions: list[Dimension],
+    objective: tuple[str, str], concurrency: int, emit: EmitFn, verbose: bool, in_process: bool,
+) -> SearchResult:  # fmt: skip
+    """Run (or resume) the trials, then read each one's whole history from its checkpoints and report."""
+    metric, mode = objective
+    with event_pump(emit) as queue:
+        trainable = _trainable(cfg, spec, store, parent, queue, in_process, plan.folder)
+        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, plan.folder, verbose, in_process)
+        try:
+            with _tune_console(verbose):
+                grid = run_interruptibly(tuner.fit, ResourceWatch(emit, cfg.scaling.resource_wait_s))
+        except KeyboardInterrupt:
+            end_running_children(parent, "KILLED")
+            raise
+    trials = [_trial(result, cfg, spec, plan.folder, metric, mode) for result in grid]
+    best = _best(trials, mode)
+    outcome = "searched" if plan.state == "new" else "resumed"
+    result = SearchResult(cfg.name, plan.key, outcome, metric, mode, trials, best, with_values(cfg, best.params), parent.run_id)
+    _report_search(parent, cfg, result, dimensions)
     return result
 
 
 def run_pipeline(
     cfg: ExperimentConfig,
     *,
-    resume: bool = False,
     fresh: bool = False,
     register: bool = True,
     on_event: EmitFn | None = None,
@@ -334,69 +386,56 @@ def run_pipeline(
     retrain = cfg.tune.retrain_best
     if retrain and "test" not in prepare(cfg).rows:
         raise ConfigError(f"tune.retrain_best: {cfg.data.name} has no test split to evaluate the retrained model on; set it to false")
-    search = run_search(cfg, resume=resume, fresh=fresh, register=register and not retrain, on_event=on_event, verbose=verbose)
+    search = run_search(cfg, fresh=fresh, register=register and not retrain, on_event=on_event, verbose=verbose)
     if not retrain:
         return {"search": search.summary()}
     best = search.best_config
     final = best.model_copy(update={
         "name": f"{cfg.name}-best",
-        "data": best.data.model_copy(update={"val_fraction": 0.0}),  # train on train+val; evaluate on test
+        # train on train+val: no validation, so the last epoch is the model; tested on the test split
+        "data": best.data.model_copy(update={"val_fraction": 0.0}),
         "tracking": best.tracking.model_copy(update={"experiment": cfg.tracking.experiment or cfg.name}),
     })  # fmt: skip
-    retrained = run_training(final, fresh=True, register=register, verbose=verbose, parent_run_id=search.mlflow_run_id)
+    shown = _TaggedQueue(_Emitter(on_event), "retrained") if on_event else None  # a row of the trial table
+    retrained = run_training(final, fresh=fresh, register=register, verbose=verbose, on_event=shown and shown.put_nowait,
+                             parent_run_id=search.mlflow_run_id)  # fmt: skip
     return {"search": search.summary(), "retrained": retrained.summary()}
 
 
-def _check_search_dir(cfg: ExperimentConfig, resume: bool, fresh: bool) -> None:
-    import shutil
-
-    folder = Path(search_dir(cfg))
-    if "://" in str(folder):
-        return
-    if fresh:
-        shutil.rmtree(folder, ignore_errors=True)
-    elif resume and not (folder / "tuner.pkl").exists():
-        raise ConfigError(f"--resume: no search to resume at {folder}; run without --resume to start one")
-    elif not resume and folder.exists():
-        raise ConfigError(f"a search named {cfg.name!r} exists at {folder}; add --resume to continue it or --fresh to start over")
+def trial_needs(cfg: ExperimentConfig, spec: DatasetSpec, in_process: bool) -> Needs:
+    """What one trial takes: its actor's CPUs (and GPU) in process; else its workers' (the trial's own driver
+    only waits on them and takes no CPU), and a CPU for Ray Data's readers when the data streams."""
+    gpu = uses_gpu(cfg, in_process)
+    if in_process:
+        return Needs(cfg.scaling.cpus_per_worker, 1 if gpu else 0, f"1 trial actor x {cfg.scaling.cpus_per_worker} CPU")
+    return training_needs(cfg, spec)
 
 
-def max_concurrent_trials(cfg: ExperimentConfig, in_process: bool) -> int:
-    """As many trials as the cluster's CPUs (and GPUs) hold at once: a trial's actor and its workers all
-    need resources, and trials that can never all be placed would wait forever."""
+def max_concurrent_trials(cfg: ExperimentConfig, needs: Needs) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold at once (check_fits made sure one does here)."""
     import ray
 
     cluster = ray.cluster_resources()
-    cpus, gpus = _trial_resources(cfg, in_process)
-    fit = int(cluster.get("CPU", 0) // cpus)
-    if gpus:
-        fit = min(fit, int(cluster.get("GPU", 0) // gpus))
-    if fit < 1:
-        raise ConfigError(
-            f"scaling: one trial needs {cpus} CPUs and {gpus} GPUs ({cfg.scaling.num_workers} workers x "
-            f"{cfg.scaling.cpus_per_worker} CPUs{'' if in_process else ' + 1 for the trial driver'}), the cluster has "
-            f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs; lower scaling.num_workers or scaling.cpus_per_worker"
-        )
-    return min(cfg.tune.max_concurrent_trials or fit, fit)
+    fit = int(cluster.get("CPU", 0) // needs.cpus) if needs.cpus else cfg.tune.max_concurrent_trials or 1
+    if needs.gpus:
+        fit = min(fit, int(cluster.get("GPU", 0) // needs.gpus))
+    return max(1, min(cfg.tune.max_concurrent_trials or fit, fit))
 
 
-def _trial_resources(cfg: ExperimentConfig, in_process: bool) -> tuple[float, int]:
-    gpu = uses_gpu(cfg, in_process)
-    if in_process:
-        return cfg.scaling.cpus_per_worker, 1 if gpu else 0
-    return 1 + cfg.scaling.num_workers * cfg.scaling.cpus_per_worker, cfg.scaling.num_workers if gpu else 0
-
-
-def _trainable(cfg: ExperimentConfig, spec: DatasetSpec, store: Store, parent: TrackedRun, queue: Any, in_process: bool) -> Any:
+def _trainable(
+    cfg: ExperimentConfig, spec: DatasetSpec, store: Store, parent: TrackedRun, queue: Any, in_process: bool, search_folder: str
+) -> Any:
     from ray import tune
 
-    cpus, gpus = _trial_resources(cfg, in_process)
-    # The trial actor reserves the training's resources when it trains in process, one CPU otherwise.
-    resources = {"CPU": cpus, "GPU": gpus} if in_process else {"CPU": 1}
+    needs = trial_needs(cfg, spec, in_process)
+    # In process, the trial's actor trains and reserves what training needs. Otherwise it only waits on its
+    # worker group: it reserves memory for its process and no CPU (a whole CPU per trial driver kept
+    # 2-worker trials off 2 cores; Tune refuses a trial that reserves nothing at all).
+    resources = {"CPU": needs.cpus, "GPU": needs.gpus} if in_process else {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
     base = cfg.model_dump(mode="json")
     store_json = {"uri": store.uri, "source": store.source, "artifact_location": store.artifact_location}
-    with_params = tune.with_parameters(trial_driver, base=base, dataset=spec.to_json(), store=store_json,
-                                       parent_run_id=parent.run_id, queue=queue, in_process=in_process)  # fmt: skip
+    with_params = tune.with_parameters(trial_driver, base=base, dataset=spec.to_json(), store=store_json, parent_run_id=parent.run_id,
+                                       queue=queue, in_process=in_process, search_folder=search_folder)  # fmt: skip
     return tune.with_resources(with_params, resources)
 
 
@@ -416,11 +455,14 @@ def _tune_console(verbose: bool) -> Iterator[None]:
 
 
 def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], metric: str, mode: str,
-           concurrency: int, resume: bool, verbose: bool, in_process: bool) -> Any:  # fmt: skip
+           concurrency: int, folder: str, verbose: bool, in_process: bool) -> Any:  # fmt: skip
+    """A new search in `folder`, or the one Tune saved there, resumed: its finished and failed trials kept,
+    the unfinished ones continued (each from its own checkpoints)."""
     from ray import tune
 
-    if resume:
-        return tune.Tuner.restore(search_dir(cfg), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    if tune.Tuner.can_restore(folder):
+        return tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    storage, _, name = folder.rpartition("/")
     return tune.Tuner(
         trainable,
         param_space={d.key: d.to_ray() for d in dimensions},
@@ -434,8 +476,8 @@ def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], m
             search_alg=_search_algorithm(cfg, dimensions, metric, mode),
         ),
         run_config=tune.RunConfig(
-            name=f"{cfg.name}-tune",
-            storage_path=storage_uri(cfg),
+            name=name,
+            storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
             verbose=None if verbose else 0,
             progress_reporter=None if verbose else _Silent(),
@@ -477,21 +519,25 @@ def _search_algorithm(cfg: ExperimentConfig, dimensions: list[Dimension], metric
         raise ConfigError("tune.search: optuna is not installed; `pip install -e '.[optuna]'`") from None
 
 
-def _trial(result: Any, metric: str, mode: str, max_epochs: int) -> Trial:
-    frame = result.metrics_dataframe
+def _trial(result: Any, base: ExperimentConfig, spec: DatasetSpec, search_folder: str, metric: str, mode: str) -> Trial:
+    """A trial as its own checkpoints tell it: every epoch it ran (across interruptions and retries, which
+    Tune's own record of a resumed trial lacks), its best validation value, and the checkpoint of that epoch."""
     params = dict(result.config)
     found = _TRIAL_ID.search(Path(result.path).name)
     trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
-    if frame is None or metric not in frame:
-        return Trial(trial_id, params, "failed", 0, None, error=_error_line(result.error))
-    rows = frame.dropna(subset=[metric]).drop_duplicates(subset="epoch", keep="last").sort_values("epoch")
-    best_row = rows.loc[rows[metric].idxmax() if mode == "max" else rows[metric].idxmin()]
-    epochs = int(rows["epoch"].max())
-    status = "failed" if result.error else ("finished" if epochs >= max_epochs else "stopped early")
-    checkpoint = best_row.get(CHECKPOINT_PATH) if CHECKPOINT_PATH in rows else None
-    return Trial(trial_id, params, status, epochs, float(best_row[metric]),
-                 list(zip(rows["epoch"].astype(int), rows[metric].astype(float))),
-                 checkpoint if isinstance(checkpoint, str) else None, _error_line(result.error))  # fmt: skip
+    checkpoints = run_checkpoints(run_folder(trial_config(base, params, trial_id, search_folder), spec.data_hash))
+    history = checkpoints[max(checkpoints)][1].get("history", []) if checkpoints else []
+    error = _error_line(result.error)
+    scored = [(int(m["epoch"]), float(m[metric])) for m in history if math.isfinite(m.get(metric, math.nan))]
+    if not scored:
+        return Trial(trial_id, params, "failed", len(history), None, error=error or f"no epoch reported {metric}")
+    pick = max if mode == "max" else min
+    best_epoch, best_value = pick(scored, key=lambda point: point[1])
+    kept = [epoch for epoch, _ in scored if epoch in checkpoints]
+    chosen = best_epoch if best_epoch in checkpoints else pick(kept, key=dict(scored).__getitem__, default=None)
+    epochs = scored[-1][0] if history[-1]["epoch"] == scored[-1][0] else int(history[-1]["epoch"])
+    status = "failed" if error else ("finished" if epochs >= base.train.epochs else "stopped early")
+    return Trial(trial_id, params, status, epochs, best_value, scored, checkpoints[chosen][0] if chosen else None, error)
 
 
 def _error_line(error: BaseException | None) -> str | None:
@@ -499,10 +545,10 @@ def _error_line(error: BaseException | None) -> str | None:
 
 
 def _best(trials: list[Trial], mode: str) -> Trial:
-    scored = [t for t in trials if t.best is not None and t.best_checkpoint and not math.isnan(t.best)]
+    scored = [t for t in trials if t.best is not None and t.best_checkpoint]
     if not scored:
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported a checkpoint"
-        raise RuntimeError(f"every trial failed: {errors}")
+        raise TrainingError(f"every trial failed: {errors}; fix the cause and run the command again with --fresh")
     return (max if mode == "max" else min)(scored, key=lambda t: t.best)
 
 
@@ -538,12 +584,14 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
     log_figure(parent, plots.trial_curves(curves, result.metric, result.best.trial_id), "plots/trial_curves.png")
 
 
-def _register_best(parent: TrackedRun, cfg: ExperimentConfig, best: Trial, spec: DatasetSpec) -> dict[str, Any] | None:
-    """Register the best trial's best checkpoint, from its own child run, through the champion rule."""
-    from pipeline.reporting import report_run
+def _register_best(parent: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec, best: Trial, search_folder: str) -> dict[str, Any] | None:
+    """Register the best trial's best checkpoint (chosen on validation), tested on the test split, from its own child run."""
+    from pipeline.reporting import evaluate_checkpoint, report_run
 
     child = TrackedRun(parent.uri, child_runs(parent)[best.trial_id], parent.experiment_id)
-    registration = report_run(child, trial_config(cfg, best.params, best.trial_id), best.best_checkpoint or "", register=True)
+    trial = trial_config(cfg, best.params, best.trial_id, search_folder)
+    checkpoint = best.best_checkpoint or ""
+    registration = report_run(child, trial, spec, checkpoint, evaluate_checkpoint(trial, spec, checkpoint), register=True)
     if registration is None:
         return None
     set_tags(parent, {"registered": f"{registration.name}/{registration.version}@{registration.alias}"})

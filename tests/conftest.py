@@ -120,6 +120,21 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def run_dir(storage: Path, name: str, *, search: bool = False) -> Path:
+    """The folder of the one run (or search) of `name` under `storage`: <storage>/<name>[-tune]/<key>."""
+    (folder,) = [record.parent for record in (storage / f"{name}{'-tune' if search else ''}").glob("*/run.json")]
+    return folder
+
+
+def wait_for_run_dir(storage: Path, name: str, process: subprocess.Popen, *, search: bool = False, timeout_s: float = 120) -> Path:
+    """run_dir, once the `pipeline` process has made it."""
+    deadline = time.monotonic() + timeout_s
+    while not list((storage / f"{name}{'-tune' if search else ''}").glob("*/run.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return run_dir(storage, name, search=search)
+
+
 def tiny(data_root: Path, storage: Path, *extra: str) -> list[str]:
     """Overrides that shrink any experiment to seconds: local data, one epoch, small batches, no download."""
     return [

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cluster import load_job
-from tests.conftest import REPO, free_port, mlflow_client
+from tests.conftest import REPO, free_port, mlflow_client, run_dir
 
 JOBS_DIR = REPO / "jobs"
 NODE_CPUS = 2
@@ -169,9 +169,9 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
     # Checkpoints are on the shared storage, where the job's overrides put them.
-    run_dir = cluster.shared / "runs" / "cluster_smoke"
-    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=0001", "checkpoint_epoch=0002"]
-    assert summary["checkpoint"].startswith(str(run_dir))
+    folder = run_dir(cluster.shared / "runs", "cluster_smoke")
+    assert sorted(p.name for p in folder.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=0001", "checkpoint_epoch=0002"]
+    assert summary["checkpoint"].startswith(str(folder))
 
     # Two DDP workers, one on each node.
     ray_job_id = cluster.api(f"/api/jobs/{job_id}")["job_id"]

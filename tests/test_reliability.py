@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CONF_DIR, REPO, mlflow_client
+from tests.conftest import CONF_DIR, REPO, mlflow_client, run_dir, wait_for_run_dir
 
 
 def _pipeline(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -53,9 +53,9 @@ def test_a_worker_killed_mid_epoch_is_replaced_and_the_run_finishes(tmp_path: Pa
     run = _pipeline("train", str(CONF_DIR / "linear_regression.yaml"), "name=worker_kill", f"storage_path={tmp_path}",
                     f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "scaling.num_workers=2",
                     "train.max_failures=1")  # fmt: skip
-    run_dir = tmp_path / "worker_kill"
+    folder = wait_for_run_dir(tmp_path, "worker_kill", run)
     deadline = time.monotonic() + 240
-    while not (run_dir / "checkpoint_epoch=0002").exists():  # then epoch 3 is under way
+    while not (folder / "checkpoint_epoch=0002").exists():  # then epoch 3 is under way
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()
         time.sleep(0.05)
     workers = _ray_processes(run.pid)
@@ -87,9 +87,9 @@ def test_a_tune_trial_whose_process_is_killed_is_retried_and_the_search_complete
                        f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "train.max_failures=1",
                        "tune.scheduler=fifo", "tune.num_samples=1", "tune.max_concurrent_trials=1",
                        f"tune.trial_runner={trial_runner}", "tune.space={optim.lr: {grid: [0.03, 0.02]}}")  # fmt: skip
-    trials = tmp_path / "trial_kill-tune" / "trials"
+    trials = wait_for_run_dir(tmp_path, "trial_kill", search, search=True) / "trials"
     deadline = time.monotonic() + 240
-    while not list(trials.glob("*/checkpoint_epoch=0002")):  # the first trial is in its third epoch
+    while not list(trials.glob("*/*/checkpoint_epoch=0002")):  # the first trial is in its third epoch
         assert search.poll() is None and time.monotonic() < deadline, search.communicate()
         time.sleep(0.05)
     (victim,) = _ray_processes(search.pid, KILLED_IN_TRIAL[trial_runner])
@@ -138,7 +138,7 @@ def test_a_corrupt_latest_checkpoint_is_named_and_the_one_before_it_resumes(runn
     overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", f"scaling.runner={runner}", "train.checkpoints_to_keep=5",
                  f"name=corrupt_{runner}"]  # fmt: skip
     run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=3"]), track=False)
-    latest = tmp_path / f"corrupt_{runner}" / "checkpoint_epoch=0003"
+    latest = run_dir(tmp_path, f"corrupt_{runner}") / "checkpoint_epoch=0003"
     state = latest / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])  # truncated, as by a full disk
     with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint_epoch=0003: state.pt does not match its checksum"):
@@ -224,12 +224,12 @@ def test_the_mlflow_server_going_away_loses_nothing_and_a_rerun_completes_the_ru
     epochs = 8
     args = ["train", str(CONF_DIR / "linear_regression.yaml"), "name=server_away", f"storage_path={tmp_path}",
             f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}"]  # fmt: skip
-    run_dir = tmp_path / "server_away"
     server = start_mlflow_server(root, port)
     try:
         run = _pipeline(*args, env=env)
+        folder = wait_for_run_dir(tmp_path, "server_away", run)
         deadline = time.monotonic() + 120
-        while not (run_dir / "checkpoint_epoch=0002").exists():
+        while not (folder / "checkpoint_epoch=0002").exists():
             assert run.poll() is None and time.monotonic() < deadline, run.communicate()
             time.sleep(0.05)
         stop_group(server)  # the server goes away for the rest of the run
@@ -237,7 +237,7 @@ def test_the_mlflow_server_going_away_loses_nothing_and_a_rerun_completes_the_ru
         assert run.returncode == 1, err[-3000:]
         assert "is not answering" in err and "training goes on" in err
         assert "the MLflow server went away" in err and "run the same command again" in err
-        assert (run_dir / f"checkpoint_epoch={epochs:04d}").is_dir()  # training went on to the end
+        assert (folder / f"checkpoint_epoch={epochs:04d}").is_dir()  # training went on to the end
 
         server = start_mlflow_server(root, port)  # back, with the same store
         again = _pipeline(*args, env=env)

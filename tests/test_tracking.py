@@ -56,13 +56,16 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     assert run.info.status == "FINISHED"
     for key in ("epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec"):
         assert _steps(client, run.info.run_id, key) == [1, 2, 3], key
-    assert _steps(client, run.info.run_id, "test_accuracy") == [2, 3]  # the last epoch of each invocation
+    # The test split, measured on each invocation's model (its best epoch by validation), once per model.
+    models = sorted({first.checkpoint_metrics["epoch"], again.checkpoint_metrics["epoch"]})
+    assert _steps(client, run.info.run_id, "test_accuracy") == models
     params = run.data.params
     assert params["optim.lr"] == "0.001" and params["model.hidden"] == "[32]" and params["data.name"] == "mnist"
     assert params["train.epochs"] == "2" and "train.epochs: 2 -> 3" in run.data.tags["changed_on_resume"]
     tags = run.data.tags
     assert tags["num_workers"] == "1" and tags["runner"] == "ray" and tags["device"] == "cpu" and tags["ray_run"] == "tracked_mlp"
-    assert len(tags["config_hash"]) == 12 and tags["run_dir"] == f"{tmp_path}/tracked_mlp"
+    assert len(tags["config_hash"]) == 12 and tags["run_dir"] == f"{tmp_path}/tracked_mlp/{first.run_key}"
+    assert tags["run_key"] == first.run_key == again.run_key
     assert tags["data_hash"] == json.loads((data_root / "parquet" / "mnist" / "manifest.json").read_text())["data_hash"]
     assert tags["git_commit"] != ""
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
@@ -71,8 +74,9 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     assert {"config.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png"} <= artifacts
 
     versions = client.search_model_versions("name = 'tracked_mlp'")
-    assert len(versions) == 2  # one per completed invocation, each through the champion rule
+    assert len(versions) == len(models)  # a checkpoint is registered once: one version per model the run stood for
     assert {v.run_id for v in versions} == {run.info.run_id}
+    assert {v.tags["checkpoint_epoch"] for v in versions} == {str(epoch) for epoch in models}
 
 
 def _linear(tmp_path: Path, name: str, *extra: str) -> list[str]:

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from pipeline.config import ConfigError, load_config
 from pipeline.data import LINEAR_TRUE_B, LINEAR_TRUE_W
 from pipeline.train import _preprocessor, load_checkpoint, prepare, run_training
-from tests.conftest import CONF_DIR, REPO, tiny
+from tests.conftest import CONF_DIR, REPO, tiny, wait_for_run_dir
 
 CONFS = sorted(CONF_DIR.glob("*.yaml"))
 
@@ -65,13 +65,18 @@ def test_a_rerun_with_more_epochs_continues_from_the_checkpoint(data_root: Path,
     assert [m["epoch"] for m in fresh.history] == [1]
 
 
-def test_resuming_with_a_different_model_is_refused_with_the_fix(data_root: Path, tmp_path: Path) -> None:
+def test_a_changed_model_is_a_new_run_named_by_what_changed(data_root: Path, tmp_path: Path) -> None:
     overrides = tiny(data_root, tmp_path, "scaling.num_workers=0")
-    run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "model.hidden=[32]"]))
-    changed = load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "model.hidden=[64]", "train.epochs=2"])
-    with pytest.raises(ConfigError, match=r"different model \(model.hidden: \[32\] -> \[64\]\); add --fresh"):
-        run_training(changed)
-    assert [m["epoch"] for m in run_training(changed, fresh=True).history] == [1, 2]
+    first = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "model.hidden=[32]"]))
+    events: list[dict] = []
+    changed = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "model.hidden=[64]", "train.epochs=2"]),
+                           on_event=events.append)  # fmt: skip
+    assert changed.outcome == "trained" and [m["epoch"] for m in changed.history] == [1, 2]
+    assert changed.run_key != first.run_key and changed.run_dir != first.run_dir
+    assert changed.mlflow_run_id != first.mlflow_run_id
+    (info,) = [e["message"] for e in events if e["event"] == "info"]
+    assert f"a new run; it differs from run {first.run_key} in model.hidden: [32] -> [64]" in info
+    assert Path(first.checkpoint).is_dir(), "the first run is untouched"
 
 
 def _train_cli(*args: str) -> subprocess.Popen:
@@ -96,8 +101,8 @@ def test_a_killed_run_resumes_at_the_next_epoch(workers: int, tmp_path: Path) ->
     args = ["conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}",
             f"train.epochs={epochs}", "data.num_samples=3000", f"scaling.num_workers={workers}",
             f"scaling.runner={'ray' if workers else 'auto'}"]
-    run_dir = tmp_path / "linear_regression"
     run = _train_cli(*args)
+    run_dir = wait_for_run_dir(tmp_path, "linear_regression", run)
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoint_epoch=0003").exists():
         assert run.poll() is None and time.monotonic() < deadline, run.communicate()

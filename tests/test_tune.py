@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.tune import parse_space, run_pipeline, run_search
-from tests.conftest import CONF_DIR, REPO, tiny
+from tests.conftest import CONF_DIR, REPO, run_dir, tiny, wait_for_run_dir
 
 SEARCHABLE = [conf for conf in sorted(CONF_DIR.glob("*.yaml")) if load_config(conf).tune.space]
 
@@ -45,7 +45,9 @@ def test_every_search_space_in_conf_parses() -> None:
         ("tune.space={optim.lr: {loguniform: [0, 0.1]}}", "bounds must be > 0 for a log scale"),
         ("tune.space={optim.lr: {choice: []}}", "non-empty list"),
         ("tune.space={optim.name: {choice: [adam, lion]}}", "tune.space.optim.name"),
-        ("tune.metric=val_f1", "tune.metric: training never reports 'val_f1'"),
+        ("tune.metric=val_f1", "tune.metric: trials are selected by validation metrics only; use one of val_loss, val_mse"),
+        ("tune.metric=test_mse", "tune.metric: trials are selected by validation metrics only"),
+        ("data.val_fraction=0", "data.val_fraction: linear has no test split, so it must hold out validation rows"),
         ("tune.space={optim.lr: {beta: [1, 2]}}", "write one of loguniform"),
     ],
 )
@@ -107,10 +109,10 @@ def test_a_killed_search_resumes_without_running_finished_trials_again(tmp_path:
     args = ["tune", "conf/linear_regression.yaml", *_linear_search(tmp_path, "resumed_search", "train.epochs=3",
             "tune.scheduler=fifo", "tune.num_samples=1", "data.num_samples=2000",
             "tune.space={optim.lr: {grid: [0.05, 0.04, 0.03, 0.02]}}"), "--output", "json"]  # fmt: skip
-    trials_dir = tmp_path / "resumed_search-tune" / "trials"
     search = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    trials_dir = wait_for_run_dir(tmp_path, "resumed_search", search, search=True) / "trials"
     deadline = time.monotonic() + 240
-    while len(finished := sorted(trials_dir.glob("*/checkpoint_epoch=0003/meta.json"))) < 2:
+    while len(finished := sorted(trials_dir.glob("*/*/checkpoint_epoch=0003/meta.json"))) < 2:
         assert search.poll() is None and time.monotonic() < deadline, search.communicate()
         time.sleep(0.1)
     time.sleep(1.5)  # let Tune record the finished trials in its experiment state
@@ -118,7 +120,7 @@ def test_a_killed_search_resumes_without_running_finished_trials_again(tmp_path:
     search.wait()
     before = {path: path.stat().st_mtime_ns for path in finished}
 
-    again = subprocess.run([sys.executable, "-m", "pipeline", *args, "--resume"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    again = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=400)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout.strip().splitlines()[-1])["search"]
     assert sorted(t["params"]["optim.lr"] for t in summary["trials"]) == [0.02, 0.03, 0.04, 0.05]
@@ -141,7 +143,9 @@ def test_pipeline_run_retrains_the_best_on_train_and_val_and_registers_only_that
     outcome = run_pipeline(load_config(CONF_DIR / "mnist_mlp.yaml", overrides))
     retrained = outcome["retrained"]
     assert retrained["run_name"] == "run_mlp-best"
-    assert "test_accuracy" in retrained["metrics"]
+    assert "test_accuracy" in retrained["checkpoint_metrics"] and "val_accuracy" not in retrained["checkpoint_metrics"]
+    assert retrained["checkpoint"].endswith("checkpoint_epoch=0001"), "without validation, the model is the last epoch's"
+    assert retrained["registration"]["metric"] == "test_accuracy" and retrained["registration"]["split"] == "test"
     assert retrained["registration"]["alias"] == "champion"
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     assert len(client.search_model_versions("name = 'run_mlp'")) == 1  # the search itself registered nothing
@@ -159,5 +163,5 @@ def test_trials_on_worker_groups_free_their_workers_when_asha_stops_them(ray_loc
     result = run_search(load_config(CONF_DIR / "linear_regression.yaml", overrides), register=False)
     statuses = {t.params["optim.lr"]: t.status for t in result.trials}
     assert statuses == {0.05: "finished", 1e-5: "stopped early", 2e-5: "stopped early"}
-    checkpoints = list((tmp_path / "worker_search-tune" / "trials").glob("worker_search-*/checkpoint_epoch=0001"))
+    checkpoints = list((run_dir(tmp_path, "worker_search", search=True) / "trials").glob("worker_search-*/*/checkpoint_epoch=0001"))
     assert len(checkpoints) == 3, "each trial's Ray Train run wrote its own checkpoints"

@@ -1,0 +1,253 @@
+"""Where a run executes: the local Ray or the cluster, what the run needs of it, and how it is stopped.
+
+    ensure_ray(verbose)                        # join RAY_ADDRESS, or start a local Ray of our own
+    check_fits(cfg, needs)                     # a local Ray too small for the run: ConfigError (exit 2)
+    with event_pump(emit) as queue:            # progress events from Ray workers to this process
+        result = run_interruptibly(trainer.fit, watch=ResourceWatch(emit, wait_s))
+
+`run_interruptibly` runs Ray's blocking call in a thread while the main thread waits: Ctrl-C and SIGTERM
+then reach this process's own code at once (Ray Train and Tune install SIGINT handlers of their own
+when called from the main thread, which end a run as "failed" or "stopped early"), and the wait can
+show what the run is waiting for on a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+from pipeline.config import ConfigError
+
+__all__ = [
+    "Needs",
+    "ResourceWaitTimeout",
+    "ResourceWatch",
+    "Terminated",
+    "check_fits",
+    "ensure_ray",
+    "event_pump",
+    "exit_now",
+    "install_signal_handlers",
+    "on_cluster",
+    "run_interruptibly",
+    "stop_ray",
+]
+
+T = TypeVar("T")
+WAIT_NOTICE_AFTER_S = 5.0  # a placement group pending this long is waiting for resources, not starting
+WATCH_INTERVAL_S = 1.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, systemd, `timeout`): handled as Ctrl-C is, with its own exit code."""
+
+
+class ResourceWaitTimeout(RuntimeError):
+    """The cluster did not give the run its resources within scaling.resource_wait_s."""
+
+
+def install_signal_handlers() -> None:
+    """SIGTERM raises Terminated in the main thread, as SIGINT raises KeyboardInterrupt: the run ends
+    through the same cleanup (MLflow runs KILLED, Ray stopped). Ray installs its own SIGTERM handler
+    when it starts (a signal dump from its C++ core), so ensure_ray calls this again afterwards."""
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def on_cluster() -> bool:
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def ensure_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local Ray, unless this process is already connected.
+
+    A local Ray starts without its dashboard (about a second less) unless `dashboard`: Ray Train's
+    placement-group cleaner asks the dashboard's state API whether a trainer died, and a Tune trial
+    stopped early takes its worker group's resources with it otherwise."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    # SIGTERM's default would kill this process before it hands its MLflow runs back; Ray's handler,
+    # set in ray.init, exits without that, so ours is set again right after.
+    ray.init(
+        # "local": a Ray of our own, never one that happens to run on this machine (ray.init's default
+        # joins the newest local cluster, which may lack what this run needs, such as the dashboard).
+        address=address or "local",
+        include_dashboard=None if address else dashboard,
+        log_to_driver=verbose,
+        configure_logging=verbose,
+    )
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        install_signal_handlers()
+
+
+def stop_ray() -> None:
+    """Stop the local Ray this process started (on a cluster: disconnect), so that no process outlives us."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def exit_now(code: int) -> NoReturn:
+    """After SIGTERM: end this process's own processes (a local Ray's raylet, GCS and workers) and exit at once.
+
+    Not ray.shutdown(): when SIGTERM went to the whole process group (systemd, `kill -- -PGID`), Ray's processes
+    are going down already, and Ray's core ends a driver whose object store has gone with exit code 1, about
+    0.1 s later; a shutdown would also wait ~8 s on them (measured). Exiting first keeps exit code 143."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.terminate()  # each goes down on its own SIGTERM handling, as `ray stop` asks them to
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a run (or one trial) takes of the cluster at once."""
+
+    cpus: float
+    gpus: int
+    what: str  # for messages: "2 workers x 1 CPU + 1 CPU for Ray Data's readers"
+
+
+def check_fits(needs: Needs, fix: str) -> None:
+    """On a local Ray, a run that can never be placed would wait forever: refuse it (exit 2), naming what
+    it needs and what this machine has. A cluster (RAY_ADDRESS) may grow: it is watched instead."""
+    import ray
+
+    if on_cluster():
+        return
+    have = ray.cluster_resources()
+    cpus, gpus = have.get("CPU", 0), have.get("GPU", 0)
+    if needs.cpus > cpus or needs.gpus > gpus:
+        raise ConfigError(
+            f"scaling: the run needs {needs.cpus:g} CPUs and {needs.gpus} GPUs ({needs.what}); this machine's Ray has "
+            f"{cpus:g} CPUs and {gpus:g} GPUs: {fix}"
+        )
+
+
+class ResourceWatch:
+    """Called every second while a run waits on Ray: a placement group of this run that stays pending is a
+    wait for resources. It is said in the progress display (what is asked, what the cluster has free), and
+    after `wait_s` (None: as long as it takes, as an autoscaling cluster needs) it ends the run."""
+
+    def __init__(self, emit: Callable[[dict[str, Any]], None], wait_s: float | None) -> None:
+        from ray.util import placement_group_table
+
+        self.emit, self.wait_s = emit, wait_s
+        self.known = set(placement_group_table())  # other runs' groups on a shared cluster
+        self.pending_since: float | None = None
+        self.said = ""
+
+    def __call__(self) -> None:
+        from ray.util import placement_group_table
+
+        pending = [g for pid, g in placement_group_table().items() if pid not in self.known and g["state"] == "PENDING"]
+        if not pending:
+            self.pending_since = None
+            return
+        now = time.monotonic()
+        self.pending_since = self.pending_since or now
+        waited = now - self.pending_since
+        if waited < WAIT_NOTICE_AFTER_S:
+            return
+        message = _waiting_message(pending, waited)
+        if self.wait_s is not None and waited > self.wait_s:
+            raise ResourceWaitTimeout(f"{message}; gave up after scaling.resource_wait_s={self.wait_s:g}")
+        if message.split(";")[1:] != self.said.split(";")[1:] or int(waited) % 30 == 0:
+            self.emit({"event": "waiting", "message": message})
+            self.said = message
+
+
+def _waiting_message(pending: list[dict[str, Any]], waited: float) -> str:
+    import ray
+
+    asked: dict[str, float] = {}
+    for group in pending:
+        for bundle in group["bundles"].values():
+            for resource, amount in bundle.items():
+                asked[resource] = asked.get(resource, 0) + amount
+    free, total = ray.available_resources(), ray.cluster_resources()
+    wanted = ", ".join(f"{amount:g} {name}" for name, amount in sorted(asked.items()) if name in ("CPU", "GPU"))
+    has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name} free" for name in ("CPU", "GPU"))
+    return f"waiting {waited:.0f} s for resources: the run asks for {wanted}; the cluster has {has}"
+
+
+def run_interruptibly(work: Callable[[], T], watch: Callable[[], None] | None = None) -> T:
+    """`work()` in a thread while this thread waits, calling `watch` every second; its result or its error.
+
+    Ctrl-C (KeyboardInterrupt) and SIGTERM (Terminated) are raised here, in the main thread, within a
+    second; the thread is a daemon, and what it drives (Ray) is stopped by the caller's cleanup."""
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target, name="pipeline-ray-call", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(WATCH_INTERVAL_S)
+        if watch and thread.is_alive():
+            watch()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@contextmanager
+def event_pump(emit: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
+    """A Ray queue that rank 0 writes progress to, drained by a driver thread while the run goes on."""
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue()
+    stop = threading.Event()
+
+    def drain(block: bool) -> None:
+        while True:
+            try:
+                emit(queue.get(block=block, timeout=0.2))
+            except Empty:
+                return
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                drain(block=True)
+            except Exception:  # noqa: BLE001 - Ray going down (Ctrl-C, SIGTERM): nothing more will come
+                return
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    try:
+        yield queue
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Ray goes down with this process, nothing more to read
+        stop.set()
+        raise
+    finally:
+        if not stop.is_set():
+            stop.set()
+            thread.join()
+            drain(block=False)  # whatever arrived after the thread's last look
+            queue.shutdown()
