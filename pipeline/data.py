@@ -323,25 +323,26 @@ def _read_class_folders(folder: Path, classes: tuple[str, ...], size: tuple[int,
 
 
 def _read_image(path: Path, size: tuple[int, int] | None, first: list) -> np.ndarray:
-    """One image as uint8 (C, H, W): grayscale or RGB as the first image is, at `size` or the first's size."""
+    """One image as uint8 (C, H, W) by the images.py contract (the one `pipeline predict` reads by): grayscale
+    or RGB as the first image is, at `size` or the first's size."""
     from PIL import Image, UnidentifiedImageError
+
+    from pipeline.images import ImageError, channels_of, to_pixels
 
     try:
         with Image.open(path) as image:
             image.load()
+            if not first:
+                first.extend([channels_of(image), size or image.size[::-1], path])
+            channels, (height, width), reference = first
+            if not size and image.size[::-1] != (height, width):
+                raise DataError(f"{path}: {image.size[1]}x{image.size[0]} pixels, but {reference} is {height}x{width}; "
+                                f"set data.image_size=[{height}, {width}] to resize every image")  # fmt: skip
+            return to_pixels(image, channels, size)
     except (UnidentifiedImageError, OSError) as err:
         raise DataError(f"{path}: not an image that can be read ({type(err).__name__}); remove it from the folder") from None
-    if not first:
-        first.extend(["L" if image.mode in ("1", "L", "I;16", "I") else "RGB", size or image.size[::-1], path])
-    mode, (height, width), reference = first
-    image = image.convert(mode)
-    if size:
-        image = image.resize((width, height))
-    elif image.size[::-1] != (height, width):
-        raise DataError(f"{path}: {image.size[1]}x{image.size[0]} pixels, but {reference} is {height}x{width}; "
-                        f"set data.image_size=[{height}, {width}] to resize every image")  # fmt: skip
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    except ImageError as err:
+        raise DataError(f"{path}: {err}; convert it or remove it from the folder") from None
 
 
 _MNIST_LIKE = {

@@ -125,7 +125,17 @@ def model_for(cfg: ExperimentConfig, spec: DatasetSpec) -> nn.Module:
     return build_model(cfg.model, spec.input_shape, num_outputs(cfg, spec))
 
 
+# Catalog models built of 2-D convolutions: they take images, (channels, height, width), only.
+IMAGE_MODELS = ("lenet", "cnn", "resnet18")
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:
+    if cfg.name in IMAGE_MODELS and len(input_shape) != 3:
+        vector_models = ", ".join(name for name in MODELS if name not in IMAGE_MODELS)
+        raise ValueError(
+            f"model.name: {cfg.name} takes images of shape (channels, height, width); this data set's samples have "
+            f"shape {tuple(input_shape)}: use a model for feature vectors ({vector_models})"
+        )
     if cfg.name in MODELS:
         return MODELS[cfg.name](cfg, tuple(input_shape), num_outputs)
     return _build_user_model(cfg)

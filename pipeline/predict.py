@@ -52,16 +52,15 @@ def read_inputs(path: Path, predictor: Predictor) -> tuple[list[str], np.ndarray
 
 
 def _read_image(path: Path, predictor: Predictor) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """An image file as training read its images (images.py): the model's channels, resized only if training resized."""
+    from pipeline.images import ImageError, read_pixels
 
+    channels, height, width = predictor.input_shape
     try:
-        with Image.open(path) as image:
-            pixels = np.asarray(image)
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{path}: not a readable image ({err})") from None
-    # PIL gives (H, W) for grayscale and (H, W, C) for colour; the models take (C, H, W).
-    chw = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-    return _checked(path, predictor, chw)
+        pixels = read_pixels(path, channels, (height, width) if predictor.image_size else None)
+    except ImageError as err:
+        raise InputError(str(err)) from None
+    return _checked(path, predictor, pixels)
 
 
 def _checked(path: Path, predictor: Predictor, inputs: np.ndarray | pd.DataFrame) -> np.ndarray:

@@ -152,6 +152,7 @@ def _log_model(run: TrackedRun, checkpoint_dir: Path, example: np.ndarray | pd.D
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         export_model(checkpoint_dir, folder)
+        predictor = load_predictor(folder)
         # log_model links the model to the active run; the run's final status is set by the caller.
         with mlflow.start_run(run_id=run.run_id), warnings.catch_warnings():
             # The output's class_index column is an integer: MLflow's hint about missing values is moot.
@@ -162,8 +163,20 @@ def _log_model(run: TrackedRun, checkpoint_dir: Path, example: np.ndarray | pd.D
                 artifacts={"model": str(folder)},
                 code_paths=[str(PACKAGE_DIR)],
                 input_example=example,
+                signature=_signature(predictor, example),
+                metadata={"inputs": predictor.describe_input()},  # in the MLmodel file, for whoever loads it
                 pip_requirements=_requirements(),  # listed: inferring them would load the model in a subprocess
             )
+
+
+def _signature(predictor: Predictor, example: np.ndarray | pd.DataFrame) -> Any:
+    """A table's columns are its input schema. Images come in several layouts (NCHW, NHWC, NHW for one
+    channel, one image without N), which one tensor schema (fixed rank) cannot say: their signature names
+    the outputs only, and the model itself refuses other shapes and dtypes, naming the layouts it takes."""
+    from mlflow.models import ModelSignature, infer_signature
+
+    inferred = infer_signature(example, predictor.predict_table(example))
+    return inferred if isinstance(example, pd.DataFrame) else ModelSignature(inputs=None, outputs=inferred.outputs)
 
 
 def _requirements() -> list[str]:

@@ -75,28 +75,55 @@ class Predictor(nn.Module):
         self.input_shape = tuple(spec.input_shape)
         self.classes = tuple(spec.classes)
         self.feature_names = spec.feature_names if not spec.is_image else ()
+        self.image_size = cfg.data.image_size  # (height, width) training resized its images to; None: not resized
         self.output = _output_kind(cfg.loss)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(self.preprocess(x))
 
     def as_batch(self, x: np.ndarray | pd.DataFrame) -> np.ndarray:
-        """Inputs as an array of shape (N, *input_shape), or an InputError naming what is expected."""
+        """Inputs as an array of shape (N, *input_shape), or an InputError naming what is accepted."""
         if isinstance(x, pd.DataFrame):
             return self._table_to_array(x)
         x = np.asarray(x)
-        if x.shape == self.input_shape:
-            x = x[None]  # one sample
-        if x.shape[1:] != self.input_shape:
+        return self._images(x) if not self.feature_names else self._features(x)
+
+    def image_layouts(self) -> list[tuple[tuple[int, ...], str]]:
+        """The shapes an image batch may come in (without N: one image), in the order they are tried."""
+        c, h, w = self.input_shape
+        layouts = [((c, h, w), "NCHW"), ((h, w, c), "NHWC")]  # PyTorch's layout; NumPy's and PIL's
+        return [*layouts, ((h, w), "NHW")] if c == 1 else layouts  # one channel: also without a channel axis
+
+    def _images(self, x: np.ndarray) -> np.ndarray:
+        if x.dtype != np.uint8:  # a float 0-255 or 0-1, a 16-bit image: no silent guess at the scale
+            raise InputError(
+                f"images of dtype {x.dtype}: this model takes {self.describe_input()}; convert 0-255 pixels with "
+                f".astype(np.uint8) (0-1 floats: (x * 255).round().astype(np.uint8))"
+            )
+        for shape, layout in self.image_layouts():
+            batch = x[None] if x.shape == shape else x if x.shape[1:] == shape else None
+            if batch is None:
+                continue
+            if layout == "NHWC":
+                return batch.transpose(0, 3, 1, 2)
+            return batch[:, None] if layout == "NHW" else batch
+        raise InputError(f"images of shape {x.shape}: this model takes {self.describe_input()}")
+
+    def _features(self, x: np.ndarray) -> np.ndarray:
+        batch = x[None] if x.shape == self.input_shape else x
+        if batch.ndim != 2 or batch.shape[1:] != self.input_shape:
             raise InputError(f"inputs of shape {x.shape}: this model takes {self.describe_input()}")
-        return x
+        if not np.issubdtype(batch.dtype, np.number):
+            raise InputError(f"inputs of dtype {batch.dtype}: this model takes {self.describe_input()}")
+        return _finite(batch.astype(np.float32, copy=False))
 
     def describe_input(self) -> str:
         if self.feature_names:
-            return f"(N, {self.input_shape[0]}) features: columns {', '.join(self.feature_names)}"
+            return f"(N, {self.input_shape[0]}) finite numbers, or one row of {self.input_shape[0]}: columns {', '.join(self.feature_names)}"
         channels, height, width = self.input_shape
         kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
-        return f"uint8 images of shape (N, {channels}, {height}, {width}): {kind} {width}x{height}"
+        shapes = " or ".join(f"(N, {', '.join(map(str, shape))})" for shape, _ in self.image_layouts())
+        return f"uint8 images (0-255) of shape {shapes}, or one image without N: {kind} {width}x{height}"
 
     def _table_to_array(self, table: pd.DataFrame) -> np.ndarray:
         if not self.feature_names:
@@ -104,7 +131,10 @@ class Predictor(nn.Module):
         missing = [c for c in self.feature_names if c not in table.columns]
         if missing:
             raise InputError(f"the table lacks columns {missing}; this model takes {self.describe_input()}")
-        return table[list(self.feature_names)].to_numpy(dtype=np.float32)
+        try:
+            return _finite(table[list(self.feature_names)].to_numpy(dtype=np.float32))
+        except (TypeError, ValueError) as err:
+            raise InputError(f"the table's feature columns are not all numbers ({err}); this model takes {self.describe_input()}") from None
 
     @torch.no_grad()
     def predict_table(self, x: np.ndarray | pd.DataFrame) -> pd.DataFrame:
@@ -114,6 +144,14 @@ class Predictor(nn.Module):
         device = next(self.parameters()).device
         outputs = torch.cat([self(part.to(device)).float().cpu() for part in batch.split(EVAL_BATCH)])
         return outputs_table(outputs, self.output, self.classes)
+
+
+def _finite(features: np.ndarray) -> np.ndarray:
+    """Features as they are, or an InputError naming the first row with a NaN or infinite value."""
+    bad = ~np.isfinite(features).all(axis=1)
+    if bad.any():
+        raise InputError(f"row {int(np.argmax(bad))} holds a NaN or infinite value ({int(bad.sum())} rows do): the model gives no answer for those")
+    return features
 
 
 def outputs_table(outputs: torch.Tensor, kind: str, classes: tuple[str, ...]) -> pd.DataFrame:

@@ -527,17 +527,19 @@ def _trial(result: Any, base: ExperimentConfig, spec: DatasetSpec, search_folder
     trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
     checkpoints = run_checkpoints(run_folder(trial_config(base, params, trial_id, search_folder), spec.data_hash))
     history = checkpoints[max(checkpoints)][1].get("history", []) if checkpoints else []
+    # The last epoch Tune saw: a worker group may finish an epoch after the scheduler stopped its trial,
+    # and what the scheduler did not see does not count.
+    seen = int((result.metrics or {}).get("epoch", 0))
     error = _error_line(result.error)
-    scored = [(int(m["epoch"]), float(m[metric])) for m in history if math.isfinite(m.get(metric, math.nan))]
+    scored = [(int(m["epoch"]), float(m[metric])) for m in history if int(m["epoch"]) <= seen and math.isfinite(m.get(metric, math.nan))]
     if not scored:
-        return Trial(trial_id, params, "failed", len(history), None, error=error or f"no epoch reported {metric}")
+        return Trial(trial_id, params, "failed", seen, None, error=error or f"no epoch reported {metric}")
     pick = max if mode == "max" else min
     best_epoch, best_value = pick(scored, key=lambda point: point[1])
     kept = [epoch for epoch, _ in scored if epoch in checkpoints]
     chosen = best_epoch if best_epoch in checkpoints else pick(kept, key=dict(scored).__getitem__, default=None)
-    epochs = scored[-1][0] if history[-1]["epoch"] == scored[-1][0] else int(history[-1]["epoch"])
-    status = "failed" if error else ("finished" if epochs >= base.train.epochs else "stopped early")
-    return Trial(trial_id, params, status, epochs, best_value, scored, checkpoints[chosen][0] if chosen else None, error)
+    status = "failed" if error else ("finished" if seen >= base.train.epochs else "stopped early")
+    return Trial(trial_id, params, status, seen, best_value, scored, checkpoints[chosen][0] if chosen else None, error)
 
 
 def _error_line(error: BaseException | None) -> str | None:

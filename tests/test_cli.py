@@ -61,6 +61,23 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path:
     assert result.returncode == 2 and "loss: cross_entropy does not fit linear, a regression dataset" in result.stderr
 
 
+def test_an_image_model_on_a_table_is_refused_naming_model_name_and_the_shape(tmp_path: Path) -> None:
+    result = pipeline("train", "conf/circles_classifier.yaml", "model.name=lenet", f"data.root={tmp_path}", f"storage_path={tmp_path}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.name: lenet takes images of shape (channels, height, width); this data set's samples have shape (2,)" in result.stderr
+
+
+def test_options_and_overrides_come_in_any_order() -> None:
+    from pipeline.cli import parse_arguments
+
+    for argv in (["train", "c.yaml", "--fresh", "a=1", "b=2"], ["train", "--fresh", "c.yaml", "a=1", "b=2"],
+                 ["train", "c.yaml", "a=1", "--fresh", "b=2"], ["train", "c.yaml", "a=1", "b=2", "--fresh"]):  # fmt: skip
+        args = parse_arguments(argv)
+        assert (args.conf, args.overrides, args.fresh) == ("c.yaml", ["a=1", "b=2"], True), argv
+    result = pipeline("train", "conf/linear_regression.yaml", "--no-such-option")
+    assert result.returncode == 2 and "unrecognized arguments: --no-such-option" in result.stderr
+
+
 def test_json_output_is_the_last_line_of_stdout(data_root: Path, tmp_path: Path) -> None:
     result = pipeline("train", "conf/circles_classifier.yaml", *tiny(data_root, tmp_path, "scaling.num_workers=0"),
                       "--output", "json")

@@ -36,6 +36,7 @@ class Cluster:
     address: str  # the dashboard, where the Jobs API is
     token: str
     shared: Path  # storage both nodes see
+    gcs: str  # host:port, what RAY_ADDRESS names for a driver that joins the cluster
 
     def api(self, path: str) -> dict:
         request = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
@@ -115,7 +116,7 @@ def cluster() -> Iterator[Cluster]:
     )  # fmt: skip
     nodes = [head]
     try:
-        cluster = Cluster(f"http://127.0.0.1:{dashboard_port}", token, root / "shared")
+        cluster = Cluster(f"http://127.0.0.1:{dashboard_port}", token, root / "shared", f"127.0.0.1:{gcs_port}")
         _wait_for_nodes(cluster, nodes)
         # The second node has its own temp dir, as on a second machine: sharing one, the nodes would
         # unpack a job's working directory over each other.
@@ -289,3 +290,17 @@ def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
                       "model.kwargs.api_token=tok2 storage_path=s3://key:sec3@bucket/runs optim.lr=0.1")  # fmt: skip
     assert not any(secret in shown for secret in ("pw1", "tok2", "sec3"))
     assert "optim.lr=0.1" in shown and "host:5000" in shown and "model.kwargs.api_token=***" in shown
+
+
+@pytest.mark.slow
+def test_a_run_waiting_for_resources_says_what_it_waits_for_and_gives_up_after_resource_wait_s(cluster: Cluster, tmp_path: Path) -> None:
+    # 6 workers of 1 CPU on a cluster of 2 x 2 CPUs: an autoscaling cluster would add a node; this one never will.
+    env = {**os.environ, "RAY_ADDRESS": cluster.gcs, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
+    started = time.monotonic()
+    done = _pipeline("train", "conf/linear_regression.yaml", "name=too_big", f"storage_path={cluster.shared / 'runs'}",
+                     f"data.root={tmp_path}", "scaling.num_workers=6", "scaling.resource_wait_s=12", env=env, timeout=240)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "s for resources: the run asks for 6 CPU; the cluster has" in done.stderr and "of 4 CPU free" in done.stderr
+    assert "error: training failed: " in done.stderr and "gave up after scaling.resource_wait_s=12" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert time.monotonic() - started < 120

@@ -706,3 +706,27 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path: Path) -> None:
     (tmp_path / "pets" / "dog" / "notes.txt").write_text("not a picture")
     with pytest.raises(DataError, match=r"dog/notes.txt: not an image that can be read .*remove it from the folder"):
         materialize(_images(tmp_path / "pets"), seed=0)
+
+
+def test_sixteen_bit_and_palette_images_are_scaled_and_converted_not_clipped(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_image_folder(tmp_path / "eight", per_class=4, size=(8, 8))
+    for path in sorted((tmp_path / "eight").rglob("*.png")):  # the same pictures, as 16-bit and palette files
+        target = tmp_path / "wide" / path.relative_to(tmp_path / "eight")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.asarray(Image.open(path))
+        image = Image.fromarray(pixels.astype(np.uint16) * 257) if path.stem in ("0", "1") else Image.fromarray(pixels).convert("P")
+        image.save(target)
+    eight = load_splits(materialize(_images(tmp_path / "eight"), seed=0), _images(tmp_path / "eight", val_fraction=0), seed=0)
+    wide = load_splits(materialize(_images(tmp_path / "wide"), seed=0), _images(tmp_path / "wide", val_fraction=0), seed=0)
+    np.testing.assert_array_equal(wide["train"][0], eight["train"][0])  # 16-bit 65535 is 8-bit 255, not every pixel white
+
+
+def test_a_floating_point_image_in_a_folder_is_refused_naming_it(tmp_path: Path) -> None:
+    from PIL import Image
+
+    write_image_folder(tmp_path / "pets", per_class=2, size=(8, 8))
+    Image.fromarray(np.zeros((8, 8), dtype=np.float32), "F").save(tmp_path / "pets" / "dog" / "float.tiff")
+    with pytest.raises(DataError, match=r"float.tiff: a 32-bit floating-point image"):
+        materialize(_images(tmp_path / "pets"), seed=0)

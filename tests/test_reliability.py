@@ -293,3 +293,153 @@ def test_the_ui_binds_to_127_0_0_1_unless_told_otherwise() -> None:
     assert args.host == "127.0.0.1"
     command = ui_command(Store("sqlite:////tmp/x/mlflow.db", "default", "/tmp/x/mlartifacts"), args.host, args.port)
     assert command[command.index("--host") + 1] == "127.0.0.1"
+
+
+def _live_members(group: int) -> list[str]:
+    """The processes of a process group that still run (zombies, already ended, are not counted)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        state, _, pgrp = stat.rsplit(")", 1)[1].split()[:3]
+        if int(pgrp) == group and state != "Z":
+            found.append(stat.split(")", 1)[0])
+    return found
+
+
+def _group_ends(group: int, timeout_s: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := _live_members(group)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
+
+
+# How the signal comes: Ctrl-C in a terminal (SIGINT to the foreground process group), SIGTERM from
+# Kubernetes, Docker or `timeout` (to the process), SIGTERM from systemd or `kill -- -PGID` (to the group).
+INTERRUPTS = {"ctrl_c": (signal.SIGINT, True, 130), "sigterm": (signal.SIGTERM, False, 143), "sigterm_group": (signal.SIGTERM, True, 143)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", list(INTERRUPTS))
+def test_an_interrupted_ray_training_exits_at_once_killed_and_resumes_with_the_same_command(how: str, tmp_path: Path) -> None:
+    signum, to_group, code = INTERRUPTS[how]
+    epochs = 8
+    args = ["train", str(CONF_DIR / "linear_regression.yaml"), f"name=stopped_{how}", f"storage_path={tmp_path}",
+            f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "scaling.num_workers=2"]  # fmt: skip
+    run = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--output", "json"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    folder = wait_for_run_dir(tmp_path, f"stopped_{how}", run)
+    deadline = time.monotonic() + 240
+    while not (folder / "checkpoint_epoch=0002").exists():
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+        time.sleep(0.05)
+    sent = time.monotonic()
+    (os.killpg if to_group else os.kill)(run.pid, signum)
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == code, err[-3000:]
+    assert time.monotonic() - sent < 15
+    assert "run the same command again to resume" in err and "Traceback" not in err and "SIGTERM received" not in err
+    assert _group_ends(run.pid) == [], "a Ray process outlived the run"
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    (killed,) = client.search_runs([client.get_experiment_by_name(f"stopped_{how}").experiment_id])
+    assert killed.info.status == "KILLED"
+
+    again = _pipeline(*args)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["outcome"] == "resumed" and summary["mlflow_run_id"] == killed.info.run_id
+    assert client.get_run(killed.info.run_id).info.status == "FINISHED"
+    assert sorted(int(m.step) for m in client.get_metric_history(killed.info.run_id, "epoch")) == list(range(1, epochs + 1))
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_search_registering_nothing_and_the_same_command_finishes_it(tmp_path: Path) -> None:
+    epochs = 5
+    args = ["tune", str(CONF_DIR / "linear_regression.yaml"), "name=stopped_search", f"storage_path={tmp_path}",
+            f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "tune.scheduler=fifo",
+            "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.space={optim.lr: {grid: [0.03, 0.02]}}"]  # fmt: skip
+    search = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--output", "json"], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    trials = wait_for_run_dir(tmp_path, "stopped_search", search, search=True) / "trials"
+    deadline = time.monotonic() + 240
+    while not list(trials.glob("*/*/checkpoint_epoch=0002")):
+        assert search.poll() is None and time.monotonic() < deadline, search.communicate()
+        time.sleep(0.05)
+    os.killpg(search.pid, signal.SIGINT)
+    _, err = search.communicate(timeout=60)
+    assert search.returncode == 130, err[-3000:]
+    assert "run the same command again to continue the search" in err and "Traceback" not in err
+    assert _group_ends(search.pid) == []
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("stopped_search").experiment_id
+    assert {r.info.status for r in client.search_runs([experiment])} == {"KILLED"}, "the search and its started trials"
+    assert client.search_registered_models("name = 'stopped_search'") == [], "nothing half-trained is registered"
+
+    again = _pipeline(*args)
+    out, err = again.communicate(timeout=400)
+    assert again.returncode == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])["search"]
+    assert summary["outcome"] == "resumed"
+    # Each trial's whole history, the epochs before the interruption included, decides its best value.
+    assert all(t["status"] == "finished" and [e for e, _ in t["history"]] == list(range(1, epochs + 1)) for t in summary["trials"])
+    for child in client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'"):
+        assert child.info.status == "FINISHED"
+        assert sorted(int(m.step) for m in client.get_metric_history(child.info.run_id, "epoch")) == list(range(1, epochs + 1))
+    assert len(client.search_model_versions("name = 'stopped_search'")) == 1
+
+
+def test_a_run_larger_than_this_machine_is_refused_before_any_mlflow_run(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", str(CONF_DIR / "linear_regression.yaml"), "name=too_many",
+                           f"storage_path={tmp_path}", f"data.root={tmp_path}", "scaling.num_workers=64"],
+                          cwd=REPO, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "scaling: the run needs 64 CPUs and 0 GPUs (64 workers x 1 CPU); this machine's Ray has" in done.stderr
+    assert "lower scaling.num_workers" in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 90
+    assert mlflow_client(os.environ["MLFLOW_TRACKING_URI"]).get_experiment_by_name("too_many") is None
+    assert not (tmp_path / "too_many").exists()
+
+
+def test_a_run_whose_every_checkpoint_is_damaged_stops_and_says_fresh(tmp_path: Path) -> None:
+    args = ["train", str(CONF_DIR / "linear_regression.yaml"), "name=all_damaged", f"storage_path={tmp_path}", f"data.root={tmp_path}"]
+    first = subprocess.run([sys.executable, "-m", "pipeline", *args, "train.epochs=2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    for state in run_dir(tmp_path, "all_damaged").glob("checkpoint_epoch=*/state.pt"):
+        state.write_bytes(b"not a checkpoint")
+    again = subprocess.run([sys.executable, "-m", "pipeline", *args, "train.epochs=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert "every checkpoint of this run is damaged; run the command with --fresh" in again.stderr and "Traceback" not in again.stderr
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("all_damaged").experiment_id])
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == [1, 2], "no new model's epochs"
+
+
+def test_a_damaged_checkpoint_summary_is_named_and_skipped(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.train import run_training
+
+    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "scaling.num_workers=0", "train.checkpoints_to_keep=5", "name=bad_meta"]
+    run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=3"]), track=False)
+    (run_dir(tmp_path, "bad_meta") / "checkpoint_epoch=0003" / "meta.json").write_text("{not json")
+    events: list[dict] = []
+    resumed = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*overrides, "train.epochs=4"]), track=False,
+                           on_event=events.append)  # fmt: skip
+    assert [m["epoch"] for m in resumed.history] == [3, 4]
+    assert any("checkpoint_epoch=0003: meta.json is damaged" in e["message"] for e in events if e["event"] == "warning")
+
+
+def test_a_diverged_run_stops_and_registers_nothing(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", str(CONF_DIR / "linear_regression.yaml"), "name=diverged",
+                           f"storage_path={tmp_path}", f"data.root={tmp_path}", "optim.lr=1000", "--output", "json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "DivergedError: train_loss is" in done.stderr and "the training diverged; lower optim.lr (now 1000)" in done.stderr
+    assert done.stdout.strip() == "" and "Traceback" not in done.stderr
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("diverged").experiment_id])
+    assert run.info.status == "FAILED"
+    assert client.search_registered_models("name = 'diverged'") == []

@@ -161,6 +161,58 @@ print(json.dumps({{"ours": ours, "pyfunc": pyfunc}}))
     assert answer["ours"] == answer["pyfunc"] == registered_mnist["expected"].tolist()
 
 
+def test_load_model_and_the_pyfunc_take_images_in_every_usual_layout(registered_mnist: dict, mlflow_server: str, tmp_path: Path) -> None:
+    images = registered_mnist["images"][:4]  # uint8 (N, 1, 28, 28)
+    layouts = {"nchw": images, "nhw": images[:, 0], "nhwc": images.transpose(0, 2, 3, 1), "one_chw": images[0],
+               "one_hw": images[0, 0], "one_hwc": images[0].transpose(1, 2, 0)}  # fmt: skip
+    np.savez(tmp_path / "layouts.npz", **layouts, float_nchw=images.astype(np.float32), two_channels=np.zeros((2, 2, 28, 28), np.uint8))
+    script = f"""
+import json, numpy as np, mlflow
+from pipeline import load_model
+arrays = np.load({str(tmp_path / "layouts.npz")!r})
+ours, pyfunc = load_model({registered_mnist["ref"]!r}), mlflow.pyfunc.load_model("models:/{registered_mnist["ref"]}")
+answers = {{}}
+for name in arrays.files:
+    for who, model in (("ours", ours.predict_table), ("pyfunc", pyfunc.predict)):
+        try:
+            answers[f"{{who}}:{{name}}"] = model(arrays[name])["class_index"].tolist()
+        except Exception as err:
+            answers[f"{{who}}:{{name}}"] = f"{{type(err).__name__}}: {{err}}"
+print(json.dumps(answers))
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = registered_mnist["expected"][:4].tolist()
+    for who in ("ours", "pyfunc"):
+        for name in ("nchw", "nhw", "nhwc"):
+            assert answers[f"{who}:{name}"] == expected, (who, name)
+        for name in ("one_chw", "one_hw", "one_hwc"):
+            assert answers[f"{who}:{name}"] == expected[:1], (who, name)
+        assert "InputError" in answers[f"{who}:two_channels"] and "(N, 1, 28, 28) or (N, 28, 28, 1) or (N, 28, 28)" in answers[f"{who}:two_channels"]
+        assert "dtype float32" in answers[f"{who}:float_nchw"] and ".astype(np.uint8)" in answers[f"{who}:float_nchw"]
+
+
+def test_an_rgb_model_takes_numpy_s_channels_last_arrays_as_it_takes_pytorch_s(data_root: Path) -> None:
+    import torch
+
+    from pipeline.data import materialize
+    from pipeline.models import model_for
+    from pipeline.serving import InputError, build_predictor
+
+    cfg = load_config(CONF_DIR / "cifar10_resnet18.yaml", [f"data.root={data_root}", "data.download=false", "model.name=cnn"])
+    spec = materialize(cfg.data, cfg.seed)
+    torch.manual_seed(0)
+    predictor = build_predictor(cfg, spec, model_for(cfg, spec).state_dict())
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
+    nchw = predictor.predict_table(images)
+    assert predictor.predict_table(images.transpose(0, 2, 3, 1)).equals(nchw)  # NumPy / PIL: (N, H, W, C)
+    assert predictor.predict_table(images[2].transpose(1, 2, 0)).equals(nchw.iloc[[2]].reset_index(drop=True))
+    with pytest.raises(InputError, match=r"\(N, 3, 32, 32\) or \(N, 32, 32, 3\), or one image without N: RGB 32x32"):
+        predictor.predict_table(images[:, 0])  # no channel axis: only one-channel models take that
+
+
 def _write_pngs(images: np.ndarray, folder: Path, mode: str = "L") -> list[str]:
     from PIL import Image
 
@@ -191,6 +243,23 @@ def test_pipeline_predict_on_png_files_writes_class_label_and_probability(
     assert "Warning" not in done.stderr + printed.stderr, "the table alone: no library warnings for the user to decode"
 
 
+def test_image_files_are_read_as_training_read_them_whatever_their_mode(registered_mnist: dict, mlflow_server: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    digit = registered_mnist["images"][0, 0]
+    Image.fromarray(digit).convert("RGB").save(tmp_path / "rgb.png")
+    Image.fromarray(digit).convert("RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(digit).convert("P").save(tmp_path / "palette.png")
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # 16-bit: 255 -> 65535
+    files = [str(tmp_path / name) for name in ("rgb.png", "rgba.png", "palette.png", "sixteen.png")]
+    done = _cli("predict", registered_mnist["ref"], *files, "--out", str(tmp_path / "out.csv"), env=env)
+    assert done.returncode == 0, done.stderr
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "out.csv")["class_index"].tolist() == [registered_mnist["expected"][0]] * 4
+
+
 def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
     registered_mnist: dict, mlflow_server: str, tmp_path: Path
 ) -> None:
@@ -201,10 +270,11 @@ def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
     assert "served_mlp" in unknown.stderr and "Traceback" not in unknown.stderr
     alias = _cli("predict", "served_mlp@best", png, env=env)
     assert alias.returncode == 2 and "no alias or version 'best'" in alias.stderr and "champion (version" in alias.stderr
-    (tmp_path / "rgb").mkdir()
-    rgb = _write_pngs(registered_mnist["images"][:1], tmp_path / "rgb", "RGB")
-    wrong = _cli("predict", registered_mnist["ref"], *rgb, env=env)
-    assert wrong.returncode == 2 and "(N, 1, 28, 28): grayscale 28x28" in wrong.stderr and "(3, 28, 28)" in wrong.stderr
+    from PIL import Image
+
+    Image.fromarray(registered_mnist["images"][0, 0]).resize((32, 32)).save(tmp_path / "big.png")
+    wrong = _cli("predict", registered_mnist["ref"], str(tmp_path / "big.png"), env=env)
+    assert wrong.returncode == 2 and "(N, 1, 28, 28)" in wrong.stderr and "grayscale 28x28" in wrong.stderr and "(1, 32, 32)" in wrong.stderr
     np.save(tmp_path / "flat.npy", np.zeros((2, 784), dtype=np.uint8))
     flat = _cli("predict", registered_mnist["ref"], str(tmp_path / "flat.npy"), env=env)
     assert flat.returncode == 2 and "(2, 784)" in flat.stderr

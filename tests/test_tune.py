@@ -165,3 +165,26 @@ def test_trials_on_worker_groups_free_their_workers_when_asha_stops_them(ray_loc
     assert statuses == {0.05: "finished", 1e-5: "stopped early", 2e-5: "stopped early"}
     checkpoints = list((run_dir(tmp_path, "worker_search", search=True) / "trials").glob("worker_search-*/*/checkpoint_epoch=0001"))
     assert len(checkpoints) == 3, "each trial's Ray Train run wrote its own checkpoints"
+
+
+@pytest.mark.slow
+def test_the_readme_main_job_runs_on_two_cores_and_a_second_time_trains_nothing(data_root: Path, tmp_path: Path) -> None:
+    # As the README has it, shrunk: 2 DDP workers per trial, on this machine's own local Ray (2 CPUs in CI).
+    args = ["run", "conf/fashion_mnist_cnn.yaml", *tiny(data_root, tmp_path, "name=main_job", "train.epochs=2", "tune.num_samples=2",
+            "tune.space={optim.lr: {loguniform: [1.0e-3, 1.0e-2]}}"), "--output", "json"]  # fmt: skip
+    first = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    outcome = json.loads(first.stdout.strip().splitlines()[-1])
+    assert outcome["search"]["outcome"] == "searched" and len(outcome["search"]["trials"]) == 2
+    assert all(t["status"] == "finished" for t in outcome["search"]["trials"])
+    assert outcome["retrained"]["outcome"] == "trained" and outcome["retrained"]["registration"]["alias"] == "champion"
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(outcome["search"]["mlflow_run_id"])
+    assert parent.data.tags["trial_runner"] == "workers"
+
+    second = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = json.loads(second.stdout.strip().splitlines()[-1])
+    assert again["search"]["outcome"] == "already searched" and again["retrained"]["outcome"] == "already trained"
+    assert again["retrained"]["registration"] == outcome["retrained"]["registration"]
+    assert len(client.search_model_versions("name = 'main_job'")) == 1
