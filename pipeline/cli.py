@@ -160,6 +160,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg = cfg.dry_run()
     from pipeline.console import TrainingDisplay, print_summary
+    from pipeline.tracking import redact_tree
     from pipeline.train import run_training
 
     try:
@@ -173,10 +174,11 @@ def _train(args: argparse.Namespace) -> int:
             )
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
         return _training_failed(err)
+    summary = redact_tree(result.summary())  # credentials in an object-store storage_path stay off the console
     if args.output == "json":
-        print(json_line(result.summary()))
+        print(json_line(summary))
     else:
-        print_summary(result.summary())
+        print_summary(summary)
     return 0
 
 
@@ -208,6 +210,7 @@ def _training_failed(err: Exception) -> int:
 def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.conf, args.overrides)
     from pipeline.console import TrialTable, print_search, print_summary
+    from pipeline.tracking import redact_tree
     from pipeline.tune import run_pipeline, run_search, search_metric
 
     try:
@@ -219,6 +222,7 @@ def _search(args: argparse.Namespace) -> int:
                 result = run_pipeline(cfg, fresh=args.fresh, register=not args.no_register, on_event=table, verbose=args.verbose)
     except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
         return _training_failed(err)
+    result = redact_tree(result)
     if args.output == "json":
         print(json_line(result))
         return 0
@@ -231,8 +235,10 @@ def _search(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import check_out, predict_files, write_table
     from pipeline.registry import load_model
+    from pipeline.tracking import check_store, resolve_store
 
     check_out(args.out)
+    check_store(resolve_store(None))  # a server that does not answer: said in 5 s, not after MLflow's minutes of retries
     write_table(predict_files(load_model(args.model), args.inputs), args.out)
     return 0
 
@@ -245,11 +251,12 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"the tracking store is already a server: open {redact(store.uri)}")
         return 0
     command = ui_command(store, args.host, args.port)
+    _check_port_free(args.host, args.port)
     print(f"MLflow UI for {redact(store.uri)} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
-    # Its own process group: `mlflow server` runs uvicorn as a child, and stopping the group stops both.
+    # Its own process group: `mlflow server` runs uvicorn as a child, and stopping the group stops both
+    # (SIGTERM, raised as Terminated, leaves through `finally` as Ctrl-C does).
     server = subprocess.Popen(command, stdout=None if args.verbose else subprocess.DEVNULL,
                               stderr=None if args.verbose else subprocess.PIPE, start_new_session=True)  # fmt: skip
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_INTERRUPTED))  # SIGTERM too leaves through `finally`
     try:
         _, stderr = server.communicate()
     finally:
@@ -260,6 +267,18 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"error: the MLflow server stopped (exit {server.returncode}):\n{(stderr or b'').decode()[-2000:]}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """A taken port is said before the server starts: it would fail quietly, and the browser would show
+    whatever else answers there."""
+    import socket
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"--port {port}: {host}:{port} is in use by another program ({err.strerror}); choose another, e.g. --port {port + 1}") from None
 
 
 def _submit(args: argparse.Namespace) -> int:

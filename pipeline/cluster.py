@@ -115,17 +115,26 @@ def load_job(path: str | Path, overrides: list[str] = (), environ: dict[str, str
 
 def printable(entrypoint: str) -> str:
     """The entrypoint fit for a terminal: credentials in URIs and values of secret-looking keys hidden."""
-    from pipeline.tracking import REDACTED, is_secret_key, redact
+    from pipeline.tracking import REDACTED, is_secret_key, redact, redact_tree
 
     words = []
     for word in shlex.split(entrypoint):
         key, sep, value = word.partition("=")
         if sep and is_secret_key(key):
             word = f"{key}={REDACTED}"
+        elif sep and isinstance(mapping := _yaml_or_none(value), dict):  # model.kwargs={api_token: ...}
+            word = f"{key}={yaml.safe_dump(redact_tree(mapping), default_flow_style=True, width=10**6).strip()}"
         elif "://" in word:
             word = f"{key}={redact(value)}" if sep and "://" in value else redact(word)
         words.append(word)
     return shlex.join(words)
+
+
+def _yaml_or_none(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
 
 
 def _read_spec(path: Path) -> JobSpec:

@@ -11,7 +11,9 @@ allowed. Nothing here imports torch or Ray, so a bad config fails in well under 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -50,6 +52,11 @@ CLASSIFICATION_LOSSES = ("cross_entropy", "bce_with_logits")
 
 # A user's own nn.Module: "package.module:ClassName".
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+# An MLflow registered model name: MLflow refuses "/" and ":" (they separate names in models:/ URIs) and "".
+_MODEL_NAME = re.compile(r"^[\w-][\w .-]{0,199}$")
+# $VAR and ${VAR}: os.path.expandvars' own pattern, so every variable it would expand is checked first.
+_ENV_VAR = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
+_PATH_SCHEMES = ("sqlite:///", "file://", "file:")  # URIs whose remainder is a local path
 
 
 class ConfigError(ValueError):
@@ -95,6 +102,11 @@ class DataConfig(_Section):
     target: str | None = None
     # image_folder: [height, width] to resize every image to; unset, all images must share one size.
     image_size: tuple[int, int] | None = None
+
+    @field_validator("root", "path")
+    @classmethod
+    def _expand(cls, path: str | None) -> str | None:
+        return None if path is None else _expand_path(path)
 
     @model_validator(mode="after")
     def _user_data_needs_a_path(self) -> DataConfig:
@@ -174,6 +186,18 @@ class TrackingConfig(_Section):
     register_as: str | None = None
     uri: str | None = None
 
+    @field_validator("register_as")
+    @classmethod
+    def _a_name_mlflow_accepts(cls, name: str | None) -> str | None:
+        if name is None or _MODEL_NAME.match(name):
+            return name
+        raise ValueError("a registered model name is 1-200 letters, digits, '_', '.', '-' and spaces, not starting with a space or '.'")
+
+    @field_validator("uri")
+    @classmethod
+    def _expand(cls, uri: str | None) -> str | None:
+        return None if uri is None else _expand_path(uri)
+
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 
@@ -218,6 +242,11 @@ class ExperimentConfig(_Section):
     scaling: ScalingSection = ScalingSection()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneSection = TuneSection()
+
+    @field_validator("storage_path")
+    @classmethod
+    def _expand(cls, path: str) -> str:
+        return _expand_path(path)
 
     def dry_run(self) -> ExperimentConfig:
         """The same experiment shrunk to seconds, as a separate run: 1 epoch over 4 global batches."""
@@ -275,6 +304,22 @@ def with_values(cfg: ExperimentConfig, values: dict[str, Any], source: str = "va
         raise ConfigError(_describe(err, source)) from None
 
 
+def _expand_path(path: str) -> str:
+    """~ and $VAR / ${VAR} expanded, else a literal `~` or `$VAR` folder appears; not made absolute here.
+    ~ only where a path is local (~/runs, sqlite:///~/mlflow.db, file:~/mlruns): a server URI gets $VARs only."""
+    path = _expand_vars(path)
+    scheme = next((prefix for prefix in _PATH_SCHEMES if path.startswith(prefix)), "")
+    return scheme + os.path.expanduser(path.removeprefix(scheme))
+
+
+def _expand_vars(text: str) -> str:
+    for match in _ENV_VAR.finditer(text):
+        name = match.group(1).strip("{}")
+        if name not in os.environ:  # expandvars would leave it in the path as text
+            raise ValueError(f"${name} is not set in the environment; export it or write the path out")
+    return os.path.expandvars(text)
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
     """A short, stable hash of the resolved config: the same experiment gets the same hash."""
     canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
@@ -292,11 +337,44 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps
+    the last, so a second `data:` section would silently drop the first."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Checked on the composed tree, before construction: a `<<: *anchor` merge flattens the anchored
+        # mapping in place, after which it repeats the keys it overrides, so a per-mapping check misfires.
+        self._refuse_duplicates(node, (), set())
+        return super().construct_document(node)
+
+    def _refuse_duplicates(self, node: yaml.Node, path: tuple[str, ...], seen: set[int]) -> None:
+        if id(node) in seen:  # an alias of a node already checked (anchors may even be recursive)
+            return
+        seen.add(id(node))
+        pairs = node.value if isinstance(node, yaml.MappingNode) else []
+        items = node.value if isinstance(node, yaml.SequenceNode) else []
+        first: dict[Any, int] = {}
+        for key_node, value_node in pairs:
+            key_path = (*path, str(key_node.value))
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in first:  # a section is a block mapping; `{uniform: [1, 2]}` is one value
+                    section = isinstance(value_node, yaml.MappingNode) and not value_node.flow_style
+                    fix = "merge the two sections" if section else "keep one of the two"
+                    raise ConfigError(f"line {line}: duplicate key {'.'.join(key_path)} (first at line {first[key]}); {fix}")
+                first[key] = line
+            self._refuse_duplicates(value_node, key_path, seen)
+        for index, item in enumerate(items):
+            self._refuse_duplicates(item, (*path, str(index)), seen)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file; the experiments are in conf/*.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except ConfigError as err:  # a duplicate key; the loader does not know the file
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         where = getattr(err, "problem_mark", None)
         line = f" line {where.line + 1}" if where else ""
@@ -312,10 +390,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     key, sep, text = override.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {override!r}: write it as key.path=value, e.g. optim.lr=0.01")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text  # not YAML: keep the string and let validation judge it
+    value = _parse_value(text)
     node = raw
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):
@@ -324,6 +399,19 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
         node = child
     node[parts[-1]] = value
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value, read as YAML, except that on a command line `#` is never a comment:
+    `tracking.experiment=run #2` is 'run #2', where YAML would read 'run'."""
+    try:
+        tokens = list(yaml.scan(text))
+        # The scanner skips comments only, so a `#` between two tokens starts one. ('x #y' is one token.)
+        if any("#" in text[a.end_mark.index : b.start_mark.index] for a, b in itertools.pairwise(tokens)):
+            return text
+        return yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        return text  # not YAML: keep the string and let validation judge it
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +36,7 @@ __all__ = [
     "begin_run",
     "delete_run",
     "finish_run",
+    "held",
     "identity",
     "plan_run",
     "run_folder",
@@ -155,6 +159,35 @@ def begin_run(plan: RunPlan, cfg: ExperimentConfig) -> None:
         delete_run(cfg, plan.folder, search=plan.search)
     if plan.state == "new":
         _write_record(plan.folder, plan.record)
+
+
+@contextmanager
+def held(plan: RunPlan) -> Iterator[None]:
+    """One command at a time per run: a second `pipeline train` of the same run while the first trains would
+    log every epoch twice and register twice. It is refused (ConfigError), naming the process that holds it.
+
+    A lock file beside the run's folder (so that --fresh does not delete it), released when the process
+    ends however it ends. Object stores have no such lock: there, one command per run is the user's part."""
+    import fcntl
+
+    if "://" in plan.folder:
+        yield
+        return
+    lock_path = Path(plan.folder).parent / f".{plan.key}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(
+                f"{plan.name} ({plan.key}) is being run right now by another process (pid {lock.read().strip() or '?'}); "
+                "wait for it to end, then run the command again (it will resume or report the run)"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 def finish_run(plan: RunPlan, result: dict[str, Any]) -> None:

@@ -54,6 +54,7 @@ __all__ = [
     "metric_history",
     "open_run",
     "redact",
+    "redact_tree",
     "resolve_store",
     "run_exists",
     "safe_config",
@@ -91,8 +92,17 @@ def resolve_store(configured: str | None) -> Store:
     elif configured:
         uri, source = configured, "tracking.uri"
     else:
-        uri, source = f"sqlite:///{Path(DEFAULT_DB).resolve()}", "default"
+        uri, source = f"sqlite:///{DEFAULT_DB}", "default"
+    uri = _absolute_sqlite(uri)
     return Store(uri, source, _artifact_folder(uri))
+
+
+def _absolute_sqlite(uri: str) -> str:
+    """sqlite:///mlflow.db is relative to each process's working directory, which differs on every Ray
+    worker (their metrics would go to a new database there): resolved here, on the driver, once."""
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:////"):
+        return uri
+    return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).expanduser().resolve()}"
 
 
 def _artifact_folder(uri: str) -> str | None:
@@ -140,6 +150,17 @@ def check_store(store: Store) -> None:
         folder = Path(store.uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise ConfigError(f"tracking: the folder of the SQLite store {where} does not exist; create {folder} or fix the URI")
+        _create_sqlite_store(store)
+
+
+def _create_sqlite_store(store: Store) -> None:
+    """Make (or migrate) the SQLite database one process at a time: MLflow creates its tables on first use,
+    and two commands doing so at once crashed one of them and could leave the schema half made."""
+    import fcntl
+
+    with open(f"{store.uri.removeprefix('sqlite:///')}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        client(store.uri).search_experiments(max_results=1)
 
 
 def _health_request(uri: str) -> urllib.request.Request:
@@ -172,19 +193,17 @@ def is_secret_key(key: str) -> bool:
 
 def safe_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The resolved config as plain data, with secret-looking keys and URI credentials replaced."""
-    return _redact_tree(cfg.model_dump(mode="json"))
+    return redact_tree(cfg.model_dump(mode="json"))
 
 
-def _redact_tree(tree: dict[str, Any]) -> dict[str, Any]:
-    safe: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            safe[key] = _redact_tree(value)
-        elif is_secret_key(key):
-            safe[key] = REDACTED
-        else:
-            safe[key] = redact(value) if isinstance(value, str) and "://" in value else value
-    return safe
+def redact_tree(tree: Any) -> Any:
+    """Plain data (a config, a result) fit to show or log: values of secret-looking keys replaced, and
+    credentials in every URI, at any depth."""
+    if isinstance(tree, dict):
+        return {key: REDACTED if is_secret_key(str(key)) and not isinstance(value, dict) else redact_tree(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact_tree(value) for value in tree]
+    return redact(tree) if isinstance(tree, str) and "://" in tree else tree
 
 
 def safe_params(cfg: ExperimentConfig) -> dict[str, str]:
@@ -256,6 +275,7 @@ def open_run(
     exp_id = experiment_id(store, cfg.tracking.experiment or cfg.name)
     mlflow_client = client(store.uri)
     commit = git_commit()
+    run_dir = redact(run_dir)  # credentials in an object-store URI never reach a tag (nor the lookup by it)
     all_tags = {
         "run_dir": run_dir,
         "ray_run": cfg.name,

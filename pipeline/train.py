@@ -28,9 +28,9 @@ from pipeline.checkpoints import CheckpointError, LocalSession, RaySession, Sess
 from pipeline.config import ConfigError, ExperimentConfig, OptimConfig
 from pipeline.data import DatasetSpec, augment, decoded_mb, has_validation, materialize, normalizer, streaming_datasets, train_rows
 from pipeline.models import model_for, num_outputs
-from pipeline.runs import RunPlan, begin_run, finish_run, plan_run
+from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run
 from pipeline.runtime import Needs, ResourceWaitTimeout, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
-from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, resolve_store, run_exists
+from pipeline.tracking import EpochLogger, Store, TrackedRun, check_store, end_run, open_run, redact, resolve_store, run_exists
 
 __all__ = [
     "DivergedError",
@@ -402,7 +402,16 @@ def run_training(
     if not in_process:
         ensure_ray(verbose)  # only now: bad input has been refused without the cost of starting Ray
         check_fits(training_needs(cfg, spec), "lower scaling.num_workers or scaling.cpus_per_worker")
-    begin_run(plan, cfg)
+    with held(plan):
+        begin_run(plan, cfg)
+        return _train(cfg, spec, plan, store, in_process, on_event, register, parent_run_id)
+
+
+def _train(
+    cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, store: Store | None, in_process: bool,
+    on_event: EmitFn | None, register: bool, parent_run_id: str | None,
+) -> TrainingResult:  # fmt: skip
+    """The run's training proper, recorded as one MLflow run that ends FINISHED, FAILED or KILLED."""
     history: list[dict[str, Any]] = []
 
     def collect(event: Event) -> None:
@@ -415,8 +424,7 @@ def run_training(
     with recording(run):
         runner = _run_in_process if in_process else _run_on_ray
         trained = runner(cfg, spec, plan, collect, run)
-        result = _conclude(cfg, spec, plan, trained, history, run, store, register)
-    return result
+        return _conclude(cfg, spec, plan, trained, history, run, store, register)
 
 
 def training_needs(cfg: ExperimentConfig, spec: DatasetSpec) -> Needs:
@@ -484,7 +492,7 @@ def _report(
         except ConfigError:
             raise TrackingUnavailable(
                 f"the MLflow server went away before the end of the run ({type(err).__name__}); the training finished and "
-                f"its checkpoints are in {checkpoint.rsplit('/', 1)[0]}: run the same command again when the server "
+                f"its checkpoints are in {redact(checkpoint.rsplit('/', 1)[0])}: run the same command again when the server "
                 "answers, and it logs what is missing and registers the model without training again"
             ) from err
         raise

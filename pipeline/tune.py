@@ -33,7 +33,7 @@ from ray.tune import ProgressReporter
 from pipeline.checkpoints import LocalSession, run_checkpoints
 from pipeline.config import ConfigError, ExperimentConfig, with_values
 from pipeline.data import DatasetSpec, has_validation
-from pipeline.runs import RunPlan, begin_run, finish_run, plan_run, run_folder
+from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run, run_folder
 from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
 from pipeline.tracking import (
     Store,
@@ -111,8 +111,24 @@ def parse_space(cfg: ExperimentConfig) -> list[Dimension]:
         dimension = Dimension(key, kind, _arguments(key, kind, args))
         for value in dimension.candidates():
             with_values(cfg, {key: value}, source=f"tune.space.{key}")  # unknown key or bad value: ConfigError
+        if kind in ("uniform", "loguniform"):
+            _check_fractions(cfg, dimension)
         dimensions.append(dimension)
     return dimensions
+
+
+def _check_fractions(cfg: ExperimentConfig, dimension: Dimension) -> None:
+    """An integer key accepts the bounds 16.0 and 64.0, then refuses every trial's 37.4: try a fraction inside."""
+    low, high = dimension.args
+    middle = (low + high) / 2
+    # A whole middle ([2, 4]) moves by a quarter of the range, at most 0.5: still inside, no longer whole.
+    inside = middle if middle != int(middle) else middle + min(0.5, (high - low) / 4)
+    try:
+        with_values(cfg, {dimension.key: inside})
+    except ConfigError:
+        whole = f"randint: [{math.ceil(low)}, {math.floor(high) + 1}]"  # randint's high is exclusive
+        where = f"tune.space.{dimension.key}.{dimension.kind}"
+        raise ConfigError(f"{where}: {dimension.key} takes whole numbers; use {whole} or choice: [...]") from None
 
 
 def _arguments(key: str, kind: str, args: Any) -> tuple[Any, ...]:
@@ -337,15 +353,16 @@ def run_search(
     needs = trial_needs(cfg, spec, in_process)
     check_fits(needs, "lower scaling.num_workers or scaling.cpus_per_worker")
     concurrency = max_concurrent_trials(cfg, needs)
-    begin_run(plan, cfg)
     tags = {"kind": "search", "run_key": plan.key, "scheduler": cfg.tune.scheduler, "search": cfg.tune.search,
             "trial_runner": "in_process" if in_process else "workers"}  # fmt: skip
-    parent = open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags)
-    with recording(parent):
-        result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, in_process)
-        if register:
-            result.registration = _register_best(parent, cfg, spec, result.best, plan.folder)
-        finish_run(plan, {**result.summary(), "epochs": cfg.train.epochs})
+    with held(plan):
+        begin_run(plan, cfg)
+        parent = open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags)
+        with recording(parent):
+            result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, in_process)
+            if register:
+                result.registration = _register_best(parent, cfg, spec, result.best, plan.folder)
+            finish_run(plan, {**result.summary(), "epochs": cfg.train.epochs})
     return result
 
 

@@ -151,3 +151,36 @@ def test_dry_run_trains_four_batches_as_a_separate_run(data_root: Path, tmp_path
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["run_name"] == "mnist_lenet-dry-run" and [m["epoch"] for m in summary["history"]] == [1]
     assert (tmp_path / "mnist_lenet-dry-run").is_dir() and not (tmp_path / "mnist_lenet").exists()
+
+
+def test_strict_json_never_holds_a_bare_nan() -> None:
+    from pipeline.cli import json_line
+
+    line = json_line({"metrics": {"val_loss": float("nan"), "val_mse": float("inf"), "epoch": 3}, "history": [{"x": float("-inf")}]})
+    assert json.loads(line) == {"metrics": {"val_loss": None, "val_mse": None, "epoch": 3}, "history": [{"x": None}]}
+    assert "NaN" not in line and "Infinity" not in line
+
+
+def test_the_ui_on_a_taken_port_exits_2_naming_it() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = pipeline("ui", "--port", str(port))
+    assert result.returncode == 2 and f"--port {port}: 127.0.0.1:{port} is in use by another program" in result.stderr
+
+
+def test_predict_against_a_server_that_does_not_answer_exits_2_in_seconds(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", "mnist_mlp@champion", str(tmp_path / "x.png")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": url})  # fmt: skip
+    assert result.returncode == 2 and f"cannot reach the MLflow server at MLFLOW_TRACKING_URI={url}" in result.stderr
+    assert time.monotonic() - started < 30

@@ -290,6 +290,8 @@ def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
                       "model.kwargs.api_token=tok2 storage_path=s3://key:sec3@bucket/runs optim.lr=0.1")  # fmt: skip
     assert not any(secret in shown for secret in ("pw1", "tok2", "sec3"))
     assert "optim.lr=0.1" in shown and "host:5000" in shown and "model.kwargs.api_token=***" in shown
+    nested = printable("python -m pipeline train conf/x.yaml 'model.kwargs={api_token: tok4, hidden: 8}'")
+    assert "tok4" not in nested and "api_token: '***'" in nested and "hidden: 8" in nested
 
 
 @pytest.mark.slow

@@ -100,3 +100,84 @@ def test_the_config_hash_follows_the_content() -> None:
     a, b = ExperimentConfig(), ExperimentConfig()
     assert config_hash(a) == config_hash(b)
     assert config_hash(a) != config_hash(load_config(None, ["optim.lr=0.5"]))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: x\ndata:\n  root: a\noptim:\n  lr: 0.1\ndata:\n  batch_size: 8\n",
+         "line 6: duplicate key data (first at line 2); merge the two sections"),
+        ("name: x\noptim:\n  lr: 0.1\n  momentum: 0.5\n  lr: 0.2\n",
+         "line 5: duplicate key optim.lr (first at line 3); keep one of the two"),
+        ("tune:\n  space:\n    optim.lr: {uniform: [0.1, 0.2]}\n    optim.lr: {choice: [0.1]}\n",
+         "line 4: duplicate key tune.space.optim.lr (first at line 3); keep one of the two"),
+    ],
+    ids=["section", "nested-key", "space-key"],
+)
+def test_a_key_given_twice_in_a_conf_is_refused_with_both_lines(tmp_path: Path, text: str, expected: str) -> None:
+    conf = tmp_path / "twice.yaml"
+    conf.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(conf)
+    assert str(err.value) == f"{conf}: {expected}"
+
+
+def test_a_merge_key_overriding_its_anchor_is_not_a_duplicate(tmp_path: Path) -> None:
+    # `<<: *anchor` then the same key is YAML's override, and PyYAML flattens merged mappings in place.
+    conf = tmp_path / "merge.yaml"
+    conf.write_text("model:\n  kwargs:\n    base: &base {a: 1, b: 2}\n    derived: &derived\n      <<: *base\n"
+                    "      a: 3\n    again:\n      <<: *derived\n")
+    assert load_config(conf).model.kwargs["derived"] == {"a": 3, "b": 2}
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("tracking.experiment=run #2", "run #2"), ("tracking.experiment=#2", "#2"), ("tracking.experiment=a#b", "a#b")],
+)
+def test_a_hash_in_an_override_is_text_not_a_comment(override: str, expected: str) -> None:
+    assert load_config(None, [override]).tracking.experiment == expected
+
+
+def test_a_quoted_hash_inside_a_yaml_override_still_parses_as_yaml() -> None:
+    assert load_config(None, ["model.kwargs={note: 'x #y', n: 2}"]).model.kwargs == {"note": "x #y", "n": 2}
+
+
+def test_a_hash_in_a_run_name_is_refused_not_cut(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"  name: .*'run #2'"):
+        load_config(None, ["name=run #2"])
+
+
+def test_paths_expand_home_and_environment_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    monkeypatch.setenv("DATA_DIR", "/mnt/data")
+    monkeypatch.setenv("MLFLOW_HOST", "mlflow.internal")
+    cfg = load_config(None, ["storage_path=~/runs", "data.root=$DATA_DIR/cache", "data.name=tabular",
+                             "data.path=${DATA_DIR}/t.csv", "data.target=y", "tracking.uri=sqlite:///~/m.db"])
+    assert (cfg.storage_path, cfg.data.root, cfg.data.path) == ("/home/someone/runs", "/mnt/data/cache", "/mnt/data/t.csv")
+    assert cfg.tracking.uri == "sqlite:////home/someone/m.db"
+    assert load_config(None, ["tracking.uri=file:~/mlruns"]).tracking.uri == "file:/home/someone/mlruns"
+    assert load_config(None, ["tracking.uri=http://$MLFLOW_HOST:5000"]).tracking.uri == "http://mlflow.internal:5000"
+    assert load_config(None, ["storage_path=runs"]).storage_path == "runs", "relative paths are resolved elsewhere"
+
+
+@pytest.mark.parametrize("key", ["storage_path", "data.root", "tracking.uri"])
+def test_an_unset_variable_in_a_path_names_the_key_and_the_variable(key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE", raising=False)
+    with pytest.raises(ConfigError, match=rf"  {key}: \$NOPE is not set in the environment"):
+        load_config(None, [f"{key}=${{NOPE}}/x"])
+
+
+@pytest.mark.parametrize("name", ["team/model", "model:v1", "", " lead", ".hidden", "m" * 201])
+def test_a_registered_model_name_mlflow_refuses_is_a_config_error(name: str) -> None:
+    with pytest.raises(ConfigError, match="  tracking.register_as: "):
+        load_config(None, [f"tracking.register_as='{name}'"])
+
+
+def test_a_registered_model_name_may_hold_spaces_dots_and_dashes() -> None:
+    assert load_config(None, ["tracking.register_as=Fashion CNN v1.2-b_x"]).tracking.register_as == "Fashion CNN v1.2-b_x"
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_an_infinite_or_nan_learning_rate_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match="  optim.lr: "):
+        load_config(CONF_DIR / "mnist_mlp.yaml", [f"optim.lr={value}"])

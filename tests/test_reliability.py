@@ -443,3 +443,65 @@ def test_a_diverged_run_stops_and_registers_nothing(tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("diverged").experiment_id])
     assert run.info.status == "FAILED"
     assert client.search_registered_models("name = 'diverged'") == []
+
+
+def test_the_same_run_twice_at_once_trains_once_and_a_fresh_store_takes_two_commands_at_once(tmp_path: Path) -> None:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh.db'}"}  # a store no command has made yet
+    args = ["train", str(CONF_DIR / "linear_regression.yaml"), f"storage_path={tmp_path}", f"data.root={tmp_path}",
+            "data.num_samples=20000", "train.epochs=6"]  # fmt: skip
+    first, other = _pipeline(*args, "name=twice", env=env), _pipeline(*args, "name=other", env=env)
+    wait_for_run_dir(tmp_path, "twice", first)
+    second = _pipeline(*args, "name=twice", env=env)
+    (_, err1), (out2, err2), (_, err3) = first.communicate(timeout=300), second.communicate(timeout=300), other.communicate(timeout=300)
+    assert first.returncode == 0 and other.returncode == 0, err1[-2000:] + err3[-2000:]
+    if second.returncode == 2:  # it came while the first trained
+        assert "twice (" in err2 and "is being run right now by another process" in err2
+    else:  # the first had finished already
+        assert second.returncode == 0 and json.loads(out2.strip().splitlines()[-1])["outcome"] == "already trained"
+    client = mlflow_client(env["MLFLOW_TRACKING_URI"])
+    (run,) = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "epoch")) == list(range(1, 7))
+    assert len(client.search_model_versions("name = 'twice'")) == 1
+
+
+@pytest.mark.slow
+def test_a_relative_sqlite_store_gets_every_ray_worker_s_metrics(tmp_path: Path) -> None:
+    # sqlite:///runs.db is relative to each process's directory, and a Ray worker's is not this one.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "sqlite:///relative.db"}
+    done = subprocess.run([sys.executable, "-m", "pipeline", "train", str(CONF_DIR / "linear_regression.yaml"), "name=relative",
+                           "storage_path=runs", "data.root=data", "train.epochs=2", "scaling.runner=ray", "--output", "json"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = mlflow_client(f"sqlite:///{tmp_path / 'relative.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("relative").experiment_id])
+    assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, "val_mse")) == [1, 2]
+
+
+@pytest.mark.slow
+def test_one_diverged_trial_fails_alone_and_the_search_completes(ray_local, tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.tune import run_search
+
+    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "name=nan_trial", "train.epochs=2", "tune.scheduler=fifo",
+                 "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.space={optim.lr: {grid: [0.03, 1000.0]}}"]  # fmt: skip
+    result = run_search(load_config(CONF_DIR / "linear_regression.yaml", overrides))
+    statuses = {t.params["optim.lr"]: t for t in result.trials}
+    assert statuses[0.03].status == "finished" and statuses[1000.0].status == "failed"
+    assert "DivergedError" in (statuses[1000.0].error or "")
+    assert result.best.params["optim.lr"] == 0.03 and result.registration is not None
+    client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
+    children = client.search_runs([client.get_experiment_by_name("nan_trial").experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.mlflow_run_id}'")  # fmt: skip
+    assert sorted(c.info.status for c in children) == ["FAILED", "FINISHED"]
+
+
+def test_credentials_in_a_run_folder_uri_never_reach_its_run_dir_tag(tracking_store: str, tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.data import materialize
+    from pipeline.tracking import open_run, resolve_store
+
+    cfg = load_config(CONF_DIR / "linear_regression.yaml", [f"data.root={tmp_path}", "name=with_credentials"])
+    spec = materialize(cfg.data, cfg.seed)
+    folder = "s3://AKIAEXAMPLE:very-secret@bucket/runs/with_credentials/0123456789ab"
+    run = open_run(resolve_store(None), cfg, spec, run_dir=folder, fresh=True, tags={})
+    assert "very-secret" not in mlflow_client(tracking_store).get_run(run.run_id).data.tags["run_dir"]

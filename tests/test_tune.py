@@ -188,3 +188,26 @@ def test_the_readme_main_job_runs_on_two_cores_and_a_second_time_trains_nothing(
     assert again["search"]["outcome"] == "already searched" and again["retrained"]["outcome"] == "already trained"
     assert again["retrained"]["registration"] == outcome["retrained"]["registration"]
     assert len(client.search_model_versions("name = 'main_job'")) == 1
+
+
+@pytest.mark.parametrize(
+    ("space", "suggestion"),
+    [
+        ("{data.batch_size: {uniform: [16, 64]}}", "use randint: [16, 65] or choice: [...]"),
+        ("{data.batch_size: {loguniform: [16, 64]}}", "use randint: [16, 65] or choice: [...]"),
+        ("{train.epochs: {uniform: [2, 4]}}", "use randint: [2, 5] or choice: [...]"),  # the middle, 3, is whole
+    ],
+)
+def test_a_continuous_space_on_an_integer_key_is_refused(space: str, suggestion: str) -> None:
+    from pipeline.config import ConfigError
+
+    cfg = load_config(CONF_DIR / "linear_regression.yaml", [f"tune.space={space}"])
+    key, kind = next((k, next(iter(v))) for k, v in cfg.tune.space.items())
+    with pytest.raises(ConfigError) as err:
+        parse_space(cfg)
+    assert str(err.value) == f"tune.space.{key}.{kind}: {key} takes whole numbers; {suggestion}"
+
+
+def test_a_continuous_space_on_a_float_key_whose_middle_is_whole_parses() -> None:
+    cfg = load_config(CONF_DIR / "linear_regression.yaml", ["tune.space={optim.lr: {uniform: [0.5, 1.5]}}"])
+    assert [(d.kind, d.args) for d in parse_space(cfg)] == [("uniform", (0.5, 1.5))]
