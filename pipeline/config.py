@@ -142,6 +142,13 @@ class ModelConfig(_Section):
             raise ValueError(f"every hidden width must be >= 1, got {hidden}")
         return hidden
 
+    @model_validator(mode="after")
+    def _kwargs_for_own_models(self) -> ModelConfig:
+        if self.kwargs and self.name in MODEL_NAMES:  # a catalog model would ignore them without a word
+            raise ValueError(f"model.kwargs are for your own model (model.name=package.module:Class); {self.name} takes "
+                             "model.hidden, model.dropout, model.pretrained, model.freeze_backbone")  # fmt: skip
+        return self
+
 
 class OptimConfig(_Section):
     name: Literal[OPTIMIZER_NAMES] = "adam"  # type: ignore[valid-type]

@@ -305,19 +305,16 @@ class TrainingResult:
         return asdict(self)
 
 
-def epoch_metrics(cfg: ExperimentConfig) -> set[str]:
-    """The metrics every epoch reports with validation rows (without them, no val_*)."""
-    score = "accuracy" if cfg.is_classifier else "mse"
-    return {"epoch", "train_loss", "samples_per_sec", "val_loss", f"val_{score}"}
-
-
 def validation_metrics(cfg: ExperimentConfig) -> tuple[str, str]:
     """What may rank checkpoints and trials: the validation split's figures, never the test split's."""
     return "val_loss", f"val_{'accuracy' if cfg.is_classifier else 'mse'}"
 
 
 def prepare(cfg: ExperimentConfig) -> DatasetSpec:
-    """Everything that can fail on bad input, done before Ray starts: data, task, model, shapes."""
+    """Everything that can fail on bad input, done before Ray starts: folders, data, task, model, shapes."""
+    _check_writable("data.root", cfg.data.root)
+    if "://" not in cfg.storage_path:
+        _check_writable("storage_path", cfg.storage_path)
     spec = materialize(cfg.data, cfg.seed)
     if cfg.is_classifier != (spec.task == "classification"):
         raise ConfigError(f"loss: {cfg.loss} does not fit {cfg.data.name}, a {spec.task} dataset")
@@ -341,6 +338,19 @@ def prepare(cfg: ExperimentConfig) -> DatasetSpec:
     _check_batch_fits(cfg, spec)
     _check_model_accepts(cfg, spec)
     return spec
+
+
+def _check_writable(key: str, folder: str) -> None:
+    """A folder the run will write to must be one it can make: tried in its nearest existing parent with a
+    temporary folder, left as it was (permissions alone do not tell: root may not write to /proc)."""
+    import tempfile
+
+    path = Path(folder).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write to {path} ({existing}: {err.strerror}); set {key} to a folder you can write") from None
 
 
 def _check_batch_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:

@@ -29,6 +29,7 @@ def pipeline(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
         (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; the keys here are: lr, momentum"),
         (["train.epochs=ten"], "train.epochs: Input should be a valid integer"),
         (["optim.lr"], "override 'optim.lr': write it as key.path=value"),
+        (["model.kwargs={hidden: 8}"], "model.kwargs are for your own model (model.name=package.module:Class); mlp takes"),
     ],
 )
 def test_bad_input_exits_2_naming_the_key_without_a_traceback(overrides: list[str], expected: str, tmp_path: Path) -> None:
@@ -37,6 +38,13 @@ def test_bad_input_exits_2_naming_the_key_without_a_traceback(overrides: list[st
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir()), "nothing was written: the error came before any work"
+
+
+@pytest.mark.parametrize("key", ["storage_path", "data.root"])
+def test_a_folder_that_cannot_be_written_exits_2_naming_the_key(key: str, tmp_path: Path) -> None:
+    folders = {"storage_path": str(tmp_path / "runs"), "data.root": str(tmp_path / "data"), key: "/proc/not_here"}
+    result = pipeline("train", "conf/linear_regression.yaml", *(f"{k}={v}" for k, v in folders.items()))
+    assert result.returncode == 2 and f"{key}: cannot write to /proc/not_here" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_malformed_yaml_and_a_missing_conf_exit_2(tmp_path: Path) -> None:

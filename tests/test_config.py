@@ -125,7 +125,7 @@ def test_a_key_given_twice_in_a_conf_is_refused_with_both_lines(tmp_path: Path, 
 def test_a_merge_key_overriding_its_anchor_is_not_a_duplicate(tmp_path: Path) -> None:
     # `<<: *anchor` then the same key is YAML's override, and PyYAML flattens merged mappings in place.
     conf = tmp_path / "merge.yaml"
-    conf.write_text("model:\n  kwargs:\n    base: &base {a: 1, b: 2}\n    derived: &derived\n      <<: *base\n"
+    conf.write_text("model:\n  name: my_nets:Net\n  kwargs:\n    base: &base {a: 1, b: 2}\n    derived: &derived\n      <<: *base\n"
                     "      a: 3\n    again:\n      <<: *derived\n")
     assert load_config(conf).model.kwargs["derived"] == {"a": 3, "b": 2}
 
@@ -139,7 +139,8 @@ def test_a_hash_in_an_override_is_text_not_a_comment(override: str, expected: st
 
 
 def test_a_quoted_hash_inside_a_yaml_override_still_parses_as_yaml() -> None:
-    assert load_config(None, ["model.kwargs={note: 'x #y', n: 2}"]).model.kwargs == {"note": "x #y", "n": 2}
+    own = load_config(None, ["model.name=my_nets:Net", "model.kwargs={note: 'x #y', n: 2}"])
+    assert own.model.kwargs == {"note": "x #y", "n": 2}
 
 
 def test_a_hash_in_a_run_name_is_refused_not_cut(tmp_path: Path) -> None:

@@ -31,7 +31,8 @@ def summary_of(done: subprocess.CompletedProcess) -> dict:
 @pytest.mark.parametrize(
     "override",
     ["optim.lr=0.01", "data.val_fraction=0.2", "data.augment.hflip=true", "data.batch_size=32", "model.hidden=[64]", "seed=1",
-     "loss=mse", "train.metric=val_loss", "data.limit=64"],
+     "loss=mse", "train.metric=val_loss", "data.limit=64", "data.normalize=false", "data.num_samples=500",
+     "data.image_size=[14, 14]", "optim.name=sgd", "train.amp=true"],
 )  # fmt: skip
 def test_a_key_that_defines_the_result_makes_another_run(override: str) -> None:
     base = load_config(CONF_DIR / "mnist_mlp.yaml")
