@@ -325,22 +325,20 @@ def _read_class_folders(folder: Path, classes: tuple[str, ...], size: tuple[int,
 def _read_image(path: Path, size: tuple[int, int] | None, first: list) -> np.ndarray:
     """One image as uint8 (C, H, W) by the images.py contract (the one `pipeline predict` reads by): grayscale
     or RGB as the first image is, at `size` or the first's size."""
-    from PIL import Image, UnidentifiedImageError
-
-    from pipeline.images import ImageError, channels_of, to_pixels
+    from pipeline.images import ImageError, channels_of, open_image, to_pixels
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            if not first:
-                first.extend([channels_of(image), size or image.size[::-1], path])
-            channels, (height, width), reference = first
-            if not size and image.size[::-1] != (height, width):
-                raise DataError(f"{path}: {image.size[1]}x{image.size[0]} pixels, but {reference} is {height}x{width}; "
-                                f"set data.image_size=[{height}, {width}] to resize every image")  # fmt: skip
-            return to_pixels(image, channels, size)
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not an image that can be read ({type(err).__name__}); remove it from the folder") from None
+        image = open_image(path)
+    except ImageError as err:  # it names the file
+        raise DataError(f"{err}; convert it or remove it from the folder") from None
+    if not first:
+        first.extend([channels_of(image), size or image.size[::-1], path])
+    channels, (height, width), reference = first
+    if not size and image.size[::-1] != (height, width):
+        raise DataError(f"{path}: {image.size[1]}x{image.size[0]} pixels, but {reference} is {height}x{width}; "
+                        f"set data.image_size=[{height}, {width}] to resize every image")  # fmt: skip
+    try:
+        return to_pixels(image, channels, size)
     except ImageError as err:
         raise DataError(f"{path}: {err}; convert it or remove it from the folder") from None
 

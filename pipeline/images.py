@@ -12,10 +12,11 @@ converts it (palette through its colours, alpha dropped), 16-bit and 32-bit inte
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageError", "channels_of", "read_pixels", "to_pixels"]
+__all__ = ["ImageError", "channels_of", "open_image", "read_pixels", "to_pixels"]
 
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16 or 32 bits per pixel: scaled, not clipped
@@ -30,15 +31,24 @@ def channels_of(image: object) -> int:
     return 1 if getattr(image, "mode", "") in GRAYSCALE_MODES else 3
 
 
-def read_pixels(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A file as uint8 (channels, height, width); resized to `size` (height, width) when given."""
+def open_image(path: Path) -> Any:
+    """A file's image, loaded, or an ImageError naming the file: not an image, damaged, or too large to load."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             image.load()
-    except (UnidentifiedImageError, OSError) as err:
+            return image
+    # Damaged files also surface as Pillow's parser errors: SyntaxError ("broken PNG file"), ValueError ("Truncated IHDR chunk").
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"{path}: not an image that can be read ({type(err).__name__})") from None
+    except Image.DecompressionBombError as err:  # a header claiming more pixels than Pillow will allocate
+        raise ImageError(f"{path}: {err} Resize it to the model's input size first") from None
+
+
+def read_pixels(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A file as uint8 (channels, height, width); resized to `size` (height, width) when given."""
+    image = open_image(path)
     try:
         return to_pixels(image, channels, size)
     except ImageError as err:
@@ -56,7 +66,10 @@ def to_pixels(image: object, channels: int, size: tuple[int, int] | None = None)
         if image.mode.startswith("I;16") or wide.max(initial=0) > 255:  # 16-bit range: 65535 -> 255
             wide = (wide.clip(0, 65535) * 255 + 32767) // 65535
         image = Image.fromarray(wide.clip(0, 255).astype(np.uint8), "L")
-    image = image.convert("L" if channels == 1 else "RGB")
+    try:
+        image = image.convert("L" if channels == 1 else "RGB")
+    except ValueError as err:  # modes Pillow has no conversion for (La, LAB, ...), as TIFF files may hold
+        raise ImageError(f"a {image.mode} image ({err}); save it as grayscale or RGB") from None
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
     pixels = np.asarray(image, dtype=np.uint8)

@@ -11,6 +11,7 @@ class index, label and probability (classifiers) or the predicted value (regress
 from __future__ import annotations
 
 from pathlib import Path
+from tokenize import TokenError
 
 import numpy as np
 import pandas as pd
@@ -21,6 +22,9 @@ __all__ = ["check_out", "predict_files", "read_inputs", "write_table"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TABLE_SUFFIXES = (".csv", ".parquet")
+# How pandas and pyarrow report a damaged or foreign file: parser errors and ArrowInvalid (ValueError), ArrowIOError,
+# and from damaged Parquet metadata KeyError ('pandas_type'), TypeError (an unknown dtype), ArrowNotImplementedError.
+UNREADABLE_TABLE = (ValueError, OSError, LookupError, TypeError, NotImplementedError)
 
 
 def predict_files(predictor: Predictor, paths: list[str]) -> pd.DataFrame:
@@ -42,13 +46,29 @@ def read_inputs(path: Path, predictor: Predictor) -> tuple[list[str], np.ndarray
     if suffix in IMAGE_SUFFIXES:
         return [str(path)], _read_image(path, predictor)
     if suffix == ".npy":
-        batch = _checked(path, predictor, np.load(path, allow_pickle=False))  # no pickle: an array file runs no code
+        batch = _checked(path, predictor, _read_array(path))
         return [f"{path}[{i}]" for i in range(len(batch))], batch
     if suffix in TABLE_SUFFIXES:
-        table = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        table = _read_table(path)
         _checked(path, predictor, table)
         return [f"{path}:{row}" for row in range(len(table))], table
     raise InputError(f"{path}: unsupported input; give {', '.join(IMAGE_SUFFIXES + ('.npy',) + TABLE_SUFFIXES)} files")
+
+
+def _read_array(path: Path) -> np.ndarray:
+    """A .npy file's array, or an InputError naming the file (empty, truncated, pickled objects, not NumPy's format)."""
+    try:  # no pickle: an array file runs no code. Mapped first: a damaged header's huge shape is refused, not allocated
+        return np.array(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (ValueError, OSError, EOFError, SyntaxError, TokenError) as err:  # the last two: NumPy parsing a damaged header
+        raise InputError(f"{path}: not a NumPy array file that can be read ({type(err).__name__}: {err}); write it with np.save") from None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A CSV or Parquet file as a table, or an InputError naming the file (empty, malformed, not Parquet)."""
+    try:
+        return pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except UNREADABLE_TABLE as err:
+        raise InputError(f"{path}: not a table that can be read ({err}); give a CSV with a header row, or a Parquet file") from None
 
 
 def _read_image(path: Path, predictor: Predictor) -> np.ndarray:

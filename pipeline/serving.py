@@ -31,6 +31,7 @@ WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "model_config.json"
 PREPROCESSING_FILE = "preprocessing.json"
 EVAL_BATCH = 1024
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the network computes in float32: a larger value would become inf
 
 
 class InputError(ValueError):
@@ -85,7 +86,10 @@ class Predictor(nn.Module):
         """Inputs as an array of shape (N, *input_shape), or an InputError naming what is accepted."""
         if isinstance(x, pd.DataFrame):
             return self._table_to_array(x)
-        x = np.asarray(x)
+        try:
+            x = np.asarray(x)
+        except ValueError as err:  # nested lists of uneven lengths: no one array to check
+            raise InputError(f"inputs that are not one array ({err}); this model takes {self.describe_input()}") from None
         return self._images(x) if not self.feature_names else self._features(x)
 
     def image_layouts(self) -> list[tuple[tuple[int, ...], str]]:
@@ -113,9 +117,9 @@ class Predictor(nn.Module):
         batch = x[None] if x.shape == self.input_shape else x
         if batch.ndim != 2 or batch.shape[1:] != self.input_shape:
             raise InputError(f"inputs of shape {x.shape}: this model takes {self.describe_input()}")
-        if not np.issubdtype(batch.dtype, np.number):
+        if not _real_numbers(batch.dtype):
             raise InputError(f"inputs of dtype {batch.dtype}: this model takes {self.describe_input()}")
-        return _finite(batch.astype(np.float32, copy=False))
+        return _finite(batch)
 
     def describe_input(self) -> str:
         if self.feature_names:
@@ -128,13 +132,20 @@ class Predictor(nn.Module):
     def _table_to_array(self, table: pd.DataFrame) -> np.ndarray:
         if not self.feature_names:
             raise InputError(f"a table of columns {list(table.columns)}: this model takes {self.describe_input()}")
-        missing = [c for c in self.feature_names if c not in table.columns]
+        columns = list(table.columns)
+        missing = [c for c in self.feature_names if c not in columns]
         if missing:
             raise InputError(f"the table lacks columns {missing}; this model takes {self.describe_input()}")
-        try:
-            return _finite(table[list(self.feature_names)].to_numpy(dtype=np.float32))
-        except (TypeError, ValueError) as err:
-            raise InputError(f"the table's feature columns are not all numbers ({err}); this model takes {self.describe_input()}") from None
+        repeated = [c for c in self.feature_names if columns.count(c) > 1]
+        if repeated:  # which of the two is the feature? No guess: one of them would be fed as a third feature
+            raise InputError(f"the table has more than one column named {repeated}; keep one of each. This model takes {self.describe_input()}")
+        features = table[list(self.feature_names)].infer_objects()  # object columns that hold numbers become numbers
+        # A header-only CSV reads as empty text columns: nothing in them is wrong.
+        not_numbers = {c: str(dtype) for c, dtype in features.dtypes.items() if len(features) and not _real_numbers(dtype)}
+        if not_numbers:
+            raise InputError(f"the table's feature columns {list(not_numbers)} are not numbers (dtypes {list(not_numbers.values())}); "
+                             f"this model takes {self.describe_input()}")  # fmt: skip
+        return _finite(features.to_numpy(dtype=np.float64, na_value=np.nan))  # float64: no overflow before the range check
 
     @torch.no_grad()
     def predict_table(self, x: np.ndarray | pd.DataFrame) -> pd.DataFrame:
@@ -143,15 +154,27 @@ class Predictor(nn.Module):
         batch = torch.from_numpy(np.require(self.as_batch(x), requirements="CW"))
         device = next(self.parameters()).device
         outputs = torch.cat([self(part.to(device)).float().cpu() for part in batch.split(EVAL_BATCH)])
+        overflowed = ~torch.isfinite(outputs).flatten(1).all(dim=1)
+        if overflowed.any():  # inputs far outside the training data's range: no answer rather than a NaN one
+            raise InputError(f"row {int(overflowed.float().argmax())}: the model's output is not finite for this input "
+                             f"({int(overflowed.sum())} rows); inputs this far from the training data have no answer")  # fmt: skip
         return outputs_table(outputs, self.output, self.classes)
 
 
+def _real_numbers(dtype: Any) -> bool:
+    """Integers or floats, NumPy's or pandas' nullable ones; not bool, complex, text or objects (as training's tables)."""
+    return pd.api.types.is_integer_dtype(dtype) or pd.api.types.is_float_dtype(dtype)
+
+
 def _finite(features: np.ndarray) -> np.ndarray:
-    """Features as they are, or an InputError naming the first row with a NaN or infinite value."""
+    """Features as float32, or an InputError naming the first row float32 cannot hold as finite numbers."""
     bad = ~np.isfinite(features).all(axis=1)
+    if np.issubdtype(features.dtype, np.floating) and features.dtype.itemsize > 4:  # float64 and wider: may exceed float32
+        bad |= (np.abs(features) > FLOAT32_MAX).any(axis=1)
     if bad.any():
-        raise InputError(f"row {int(np.argmax(bad))} holds a NaN or infinite value ({int(bad.sum())} rows do): the model gives no answer for those")
-    return features
+        raise InputError(f"row {int(np.argmax(bad))} holds a NaN, an infinite value or one beyond float32's range "
+                         f"(+-{FLOAT32_MAX:.4g}) ({int(bad.sum())} rows do): the model gives no answer for those")  # fmt: skip
+    return features.astype(np.float32, copy=False)
 
 
 def outputs_table(outputs: torch.Tensor, kind: str, classes: tuple[str, ...]) -> pd.DataFrame:
