@@ -179,3 +179,14 @@ def test_the_record_says_what_a_run_is(data_root: Path, tmp_path: Path) -> None:
     registered = summary_of(pipeline("train", "conf/mnist_mlp.yaml", *tiny(data_root, tmp_path, "name=recorded"), "--output", "json"))
     assert registered["history"] == [] and registered["registration"]["alias"] == "champion"
     assert registered["checkpoint"] == summary["checkpoint"]
+
+
+def test_a_refused_rerun_leaves_the_finished_run_as_it_was(data_root: Path, tmp_path: Path, tracking_store: str) -> None:
+    args = tiny(data_root, tmp_path, "name=kept_finished")
+    first = summary_of(pipeline("train", "conf/mnist_mlp.yaml", *args, "--output", "json"))
+    (tmp_path / "empty").mkdir()
+    refused = pipeline("train", "conf/mnist_mlp.yaml", *args, f"data.root={tmp_path / 'empty'}")  # the data files are gone
+    assert refused.returncode == 2 and "train-images-idx3-ubyte" in refused.stderr
+    run = mlflow_client(tracking_store).get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert mlflow_client(tracking_store).get_model_version_by_alias("kept_finished", "champion").run_id == run.info.run_id
