@@ -316,6 +316,14 @@ def _group_ends(group: int, timeout_s: float = 20) -> list[str]:
     return alive
 
 
+def _terminal_job() -> None:
+    """In the child, before exec: its own session (its process group gets the signal) and SIGINT at its default,
+    as a command typed in a terminal has it; a shell script's background job (a CI runner may be one) inherits
+    SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt."""
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # How the signal comes: Ctrl-C in a terminal (SIGINT to the foreground process group), SIGTERM from
 # Kubernetes, Docker or `timeout` (to the process), SIGTERM from systemd or `kill -- -PGID` (to the group).
 INTERRUPTS = {"ctrl_c": (signal.SIGINT, True, 130), "sigterm": (signal.SIGTERM, False, 143), "sigterm_group": (signal.SIGTERM, True, 143)}
@@ -329,7 +337,7 @@ def test_an_interrupted_ray_training_exits_at_once_killed_and_resumes_with_the_s
     args = ["train", str(CONF_DIR / "linear_regression.yaml"), f"name=stopped_{how}", f"storage_path={tmp_path}",
             f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "scaling.num_workers=2"]  # fmt: skip
     run = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--output", "json"], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                           stderr=subprocess.PIPE, text=True, preexec_fn=_terminal_job)  # fmt: skip
     folder = wait_for_run_dir(tmp_path, f"stopped_{how}", run)
     deadline = time.monotonic() + 240
     while not (folder / "checkpoint_epoch=0002").exists():
@@ -345,6 +353,8 @@ def test_an_interrupted_ray_training_exits_at_once_killed_and_resumes_with_the_s
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     (killed,) = client.search_runs([client.get_experiment_by_name(f"stopped_{how}").experiment_id])
     assert killed.info.status == "KILLED"
+    if how != "ctrl_c":  # resuming does not depend on how the run was stopped: shown once, to keep CI short
+        return
 
     again = _pipeline(*args)
     out, err = again.communicate(timeout=300)
@@ -362,7 +372,7 @@ def test_ctrl_c_stops_a_search_registering_nothing_and_the_same_command_finishes
             f"data.root={tmp_path}", "data.num_samples=20000", f"train.epochs={epochs}", "tune.scheduler=fifo",
             "tune.num_samples=1", "tune.max_concurrent_trials=1", "tune.space={optim.lr: {grid: [0.03, 0.02]}}"]  # fmt: skip
     search = subprocess.Popen([sys.executable, "-m", "pipeline", *args, "--output", "json"], cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                              stderr=subprocess.PIPE, text=True, preexec_fn=_terminal_job)  # fmt: skip
     trials = wait_for_run_dir(tmp_path, "stopped_search", search, search=True) / "trials"
     deadline = time.monotonic() + 240
     while not list(trials.glob("*/*/checkpoint_epoch=0002")):
