@@ -33,7 +33,7 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 def ensure_mnist_data(root: Path = DATA_ROOT) -> Path:
     """MNIST and FashionMNIST stand-ins (60,000 + 10,000 28x28 uint8) in the real IDX layout, written once."""
-    from tests.formats import write_mnist_like
+    from pipeline.standin import write_mnist_like
 
     for seed, folder in enumerate(MNIST_FOLDERS):
         raw = root / folder / "raw"
@@ -83,10 +83,10 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     numeric = [all(_is_number(row[i]) for row in cells[1:]) for i in range(len(headers))]
 
     def line(row: Sequence[str]) -> str:
-        padded = (c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric))
+        padded = (c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True))
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric, strict=True)) + "|"
     return "\n".join([line(cells[0]), rule, *(line(row) for row in cells[1:])])
 
 

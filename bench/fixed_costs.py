@@ -15,6 +15,7 @@ Each measurement runs in a fresh interpreter, since imports and Ray's start are 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -30,14 +31,17 @@ def child_pipeline(workers: int, storage: str, runner: str) -> dict[str, float]:
     """Runs in a fresh interpreter: time each phase of one `run_training` call."""
     marks = {"start": time.perf_counter()}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"  # tracked and registered, as `pipeline train` is
+    from pipeline.checks import check_training
     from pipeline.config import load_config
-    from pipeline.train import ensure_ray, prepare, run_training, runs_in_process
+    from pipeline.execution import runs_in_process
+    from pipeline.runtime import ensure_ray
+    from pipeline.train import run_training
 
     marks["imports"] = time.perf_counter()
     cfg = load_config("conf/linear_regression.yaml", [*EPOCH_OVERRIDES, f"scaling.num_workers={workers}",
                                                       f"scaling.runner={runner}", f"storage_path={storage}",
                                                       f"data.root={storage}"])  # fmt: skip
-    prepare(cfg)  # run_training prepares again below; the second time reads the cached Parquet manifest
+    check_training(cfg)  # run_training prepares again below; the second time reads the cached Parquet manifest
     marks["prepare"] = time.perf_counter()
     if not runs_in_process(cfg):
         ensure_ray()
@@ -69,7 +73,7 @@ def child_ray_minimal() -> dict[str, float]:
 
 def _phases(marks: dict[str, float]) -> dict[str, float]:
     names = list(marks)
-    return {name: marks[name] - marks[prev] for prev, name in zip(names, names[1:])}
+    return {name: marks[name] - marks[prev] for prev, name in itertools.pairwise(names)}
 
 
 def measure_child(*args: str) -> dict[str, float]:
@@ -98,9 +102,7 @@ def report(repeat: int) -> str:
         phase = {key: median([r[key] for r in runs]) for key in runs[0]}
         rows.append((label, *(f"{phase[k]:.2f}" for k in ("imports", "prepare", "ray_start", "fit", "training", "process"))))
         print(f"  {label}: {phase['process']:.1f} s", flush=True)
-    phases = markdown_table(
-        ["run", "imports s", "prepare s", "Ray start s", "fit s", "of which training s", "whole process s"], rows
-    )
+    phases = markdown_table(["run", "imports s", "prepare s", "Ray start s", "fit s", "of which training s", "whole process s"], rows)
     cli = [(f"`pipeline train ... scaling.runner={r}`", f"{median([measure_cli(r) for _ in range(repeat)]):.2f}")
            for r in ("ray", "auto")]  # fmt: skip
     return "\n".join([

@@ -18,7 +18,7 @@ batch size, no augmentation (the plain loop has none) and random weights (no dow
 
   plain      the training set normalized once into one float tensor on the GPU; shuffled index
              batches; model(x), loss, zero_grad, backward, step: the loop a PyTorch user writes
-  pipeline   pipeline.train.run_worker with a LocalSession on the GPU, as `pipeline train` runs one
+  pipeline   pipeline.loop.run_worker with a LocalSession on the GPU, as `pipeline train` runs one
              worker in-process: uint8 data on the GPU, normalized per batch; its samples_per_sec
              metric of the second epoch (training steps only; the first epoch is the warm-up)
 
@@ -44,9 +44,10 @@ import torch
 from bench.common import DATA_ROOT, load_conf, markdown_table
 from bench.plain import fresh_model, normalized, shuffled_batches, train_steps
 from pipeline.checkpoints import LocalSession
+from pipeline.checks import check_training
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec
-from pipeline.train import memory_format, prepare, run_worker
+from pipeline.data.store import DatasetSpec
+from pipeline.loop import memory_format, run_worker
 
 NO_AUGMENT = ("data.augment.hflip=false", "data.augment.rotation_degrees=0", "data.augment.crop_min_scale=1.0")
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -70,7 +71,7 @@ VARIANTS = ((False, False), (True, False), (False, True), (True, True))  # (amp,
 
 def ensure_data(scale: float) -> Path:
     """CIFAR-10 and FashionMNIST stand-ins at `scale` x their real sizes, written once per size."""
-    from tests.formats import write_cifar10, write_mnist_like
+    from pipeline.standin import write_cifar10, write_mnist_like
 
     root = DATA_ROOT / f"gpu-x{scale}"
     if not (root / "complete").exists():
@@ -98,7 +99,8 @@ class BusySampler:
     """NVML's GPU utilization, sampled in a thread between start() and stop()."""
 
     def __init__(self, interval_s: float = 0.05) -> None:
-        self.interval_s, self.samples = interval_s, []
+        self.interval_s = interval_s
+        self.samples: list[int] = []  # percent busy, one per sample
         self._running = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -154,7 +156,7 @@ def measure_plain(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device
 
 def training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The Parquet copy's training rows (uint8 images) and labels, on the device."""
-    from pipeline.data import load_split_rows
+    from pipeline.data.store import load_split_rows
 
     train = load_split_rows(spec, cfg.data, cfg.seed)["train"]
     return torch.from_numpy(train.x.copy()).to(device), torch.from_numpy(train.y.copy()).long().to(device)
@@ -188,10 +190,10 @@ def peak_mib(device: torch.device) -> float:
 
 def loop_rows(case: Case, root: Path, device: torch.device, repeats: int) -> list[tuple[object, ...]]:
     """One row per (amp, channels_last): both contenders, `repeats` times, medians."""
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for amp, channels_last in VARIANTS:
         cfg = bench_conf(case, root, (amp, channels_last))
-        spec = prepare(cfg)  # writes the Parquet copy the first time
+        spec = check_training(cfg)  # writes the Parquet copy the first time
         steps = spec.rows["train"] // cfg.data.batch_size
         plain, pipe = [], []
         for repeat in range(repeats):
@@ -218,10 +220,11 @@ LOOP_HEADERS = ["bf16 amp", "channels_last", "batch", "plain samples/s", "pipeli
 
 def ray_rows(case: Case, root: Path) -> list[tuple[object, ...]]:
     """run_training in-process against on a Ray Train worker with one GPU: samples/s of epoch 2, wall time."""
-    from pipeline.train import ensure_ray, run_training
+    from pipeline.runtime import ensure_ray
+    from pipeline.train import run_training
 
     ensure_ray()
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for runner in ("in_process", "ray"):
         with tempfile.TemporaryDirectory() as storage:
             cfg = bench_conf(case, root, extra=(f"scaling.runner={runner}", f"storage_path={storage}"))

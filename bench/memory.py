@@ -9,7 +9,7 @@ batch 64, the conf's val_fraction) for 1 epoch. Its in-memory size is what the I
 per pixel and one per label, all splits (the pipeline keeps labels as int64: 0.5 MiB more, ignored).
 
 Each measurement runs in a fresh interpreter, so that nothing earlier inflates its peak:
-- in-process: `pipeline.train.run_worker(cfg, spec, LocalSession(...))`, the loop that
+- in-process: `pipeline.loop.run_worker(cfg, spec, LocalSession(...))`, the loop that
   `scaling.num_workers=0` runs; the peak is the process's own VmHWM (not `ru_maxrss`, which Linux
   carries over execve: a child started by a big parent would report the parent's peak), the baseline
   the same right after `import torch` and the pipeline's imports (torch, numpy, pyarrow: no data yet),
@@ -34,7 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from bench.common import DATA_ROOT, bench_module, ensure_mnist_data, markdown_table, run_timed
 
@@ -89,8 +89,9 @@ def child_in_process(root: str, limit: int | None) -> dict[str, Any]:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"  # nothing lands in the repository
         import torch
 
-        import pipeline.data
-        import pipeline.train
+        import pipeline.batches
+        import pipeline.data.store
+        import pipeline.loop
         from pipeline.checkpoints import LocalSession
         from pipeline.config import load_config
 
@@ -102,15 +103,15 @@ def child_in_process(root: str, limit: int | None) -> dict[str, Any]:
             marks.append((stage, _status_kib("VmRSS"), _status_kib("VmHWM")))
 
         mark("after `import torch` + pipeline imports")
-        _mark_calls(pipeline.data, "_read_parquet_split", _read_stage, mark)
-        _mark_calls(pipeline.train, "load_split_rows", lambda args: "`load_split_rows` returned (train/val rows, test)", mark)
-        _mark_calls(pipeline.train, "model_for", lambda args: "splits as tensors (`_to_device`), before the model", mark, before=True)
+        _mark_calls(pipeline.data.store, "_read_parquet_split", _read_stage, mark)
+        _mark_calls(pipeline.batches, "load_split_rows", lambda args: "`load_split_rows` returned (train/val rows, test)", mark)
+        _mark_calls(pipeline.loop, "model_for", lambda args: "splits as tensors (`_to_device`), before the model", mark, before=True)
         cfg = load_config(f"conf/{CONF}.yaml", conf_overrides(root, storage, workers=0, limit=limit))
-        spec = pipeline.data.materialize(cfg.data, cfg.seed)  # the parent wrote the Parquet copy: this reads the manifest
+        spec = pipeline.data.store.materialize(cfg.data, cfg.seed)  # the parent wrote the Parquet copy: this reads the manifest
         session = LocalSession(Path(storage) / cfg.name, keep=1, metric=cfg.metric, mode=cfg.metric_mode,
                                device=torch.device("cpu"))  # fmt: skip
         started = time.perf_counter()
-        pipeline.train.run_worker(cfg, spec, session, None)
+        pipeline.loop.run_worker(cfg, spec, session, None)
         wall = time.perf_counter() - started
         mark("after the epoch (training, evaluation, checkpoint)")
         ru_maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux; inflated, see above
@@ -125,10 +126,8 @@ def _read_stage(args: tuple[Any, ...]) -> str:
 
 
 def _mark_calls(module: Any, name: str, stage: Any, mark: Any, *, before: bool = False) -> None:
-    """Record RSS at every call of module.name (after it returns, or before it runs); absent names are skipped."""
-    fn = getattr(module, name, None)
-    if fn is None:
-        return
+    """Record RSS at every call of module.name (after it returns, or before it runs), as that module calls it."""
+    fn = getattr(module, name)  # a name that moved is an AttributeError here, not a stage silently missing
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         if before:
@@ -149,7 +148,7 @@ class WorkerSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> WorkerSampler:  # not typing.Self: Python 3.11+, and the project supports 3.10
         self._thread.start()
         return self
 
@@ -178,7 +177,7 @@ class WorkerSampler:
             entry["hwm_kib"] = max(entry["hwm_kib"], hwm)
             entry["rss_kib"] = max(entry["rss_kib"], rss)
 
-    def train_workers(self, exclude: set[int] = frozenset()) -> dict[int, dict[str, Any]]:
+    def train_workers(self, exclude: set[int] | frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
         return {pid: e for pid, e in self.seen.items() if pid not in exclude and any("RayTrainWorker" in t for t in e["titles"])}
 
 
@@ -206,7 +205,8 @@ def child_ray(tiny_root: str, full_root: str, limit: int | None, repeat: int) ->
     with tempfile.TemporaryDirectory() as storage:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"
         from pipeline.config import load_config
-        from pipeline.train import ensure_ray, run_training
+        from pipeline.runtime import ensure_ray
+        from pipeline.train import run_training
 
         found: dict[str, Any] = {"tiny": [], "full": []}
         with WorkerSampler() as sampler:
@@ -221,11 +221,13 @@ def child_ray(tiny_root: str, full_root: str, limit: int | None, repeat: int) ->
                 sampler.poll()
                 workers = sampler.train_workers(exclude=done)
                 done |= set(workers)
-                found[label].append({
-                    "workers": {str(pid): {**e, "titles": sorted(e["titles"])} for pid, e in workers.items()},
-                    "wall_s": wall,
-                    "metrics": result.metrics,
-                })
+                found[label].append(
+                    {
+                        "workers": {str(pid): {**e, "titles": sorted(e["titles"])} for pid, e in workers.items()},
+                        "wall_s": wall,
+                        "metrics": result.metrics,
+                    }
+                )
         import ray
 
         ray.shutdown()
@@ -242,7 +244,7 @@ def measure_child(*args: str) -> dict[str, Any]:
 
 
 def write_tiny_data(root: Path) -> None:
-    from tests.formats import write_mnist_like
+    from pipeline.standin import write_mnist_like
 
     write_mnist_like(root, "FashionMNIST", n_train=TINY_TRAIN, n_test=TINY_TEST, seed=0)
 
@@ -250,9 +252,9 @@ def write_tiny_data(root: Path) -> None:
 def prepare_parquet(root: Path) -> Any:
     """Write the Parquet copy here, so that no child's peak includes the IDX -> Parquet conversion."""
     from bench.common import load_conf
-    from pipeline.train import prepare
+    from pipeline.checks import check_training
 
-    return prepare(load_conf(CONF, conf_overrides(str(root), "runs", workers=0, limit=None)))
+    return check_training(load_conf(CONF, conf_overrides(str(root), "runs", workers=0, limit=None)))
 
 
 def _single_worker(run: dict[str, Any], label: str) -> int | None:
@@ -299,7 +301,8 @@ def report(quick: bool, repeat: int) -> str:
         f"Highest of {repeat} runs each; the peaks ranged {_span([r['peak_kib'] for r in fulls])} MiB in-process and "
         f"{_span(ray_fulls)} MiB in the Ray worker (how much of the Parquet read's scratch memory Arrow's allocator "
         "has handed back before training allocates varies from run to run)."
-        if repeat > 1 else "One run each."
+        if repeat > 1
+        else "One run each."
     )
     if ray_full is None or ray_tiny is None:
         spread += " No `ray::RayTrainWorker` process was seen among this run's processes: the Ray row is empty."
@@ -360,7 +363,9 @@ def verdict(size: int, full: dict[str, Any], small: dict[str, Any], ray_tiny: in
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the training steps, one run each: a smoke test")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each FashionMNIST-sized measurement; the table shows the highest peak")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="runs of each FashionMNIST-sized measurement; the table shows the highest peak"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec
+from pipeline.data.store import DatasetSpec
+from pipeline.loop import LOSSES, make_optimizer
 from pipeline.models import model_for
-from pipeline.train import LOSSES, make_optimizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -28,7 +28,7 @@ def fresh_model(
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module]:
     """The conf's model (seeded as the project seeds it), optimizer and loss, on `device` in `layout`."""
     torch.manual_seed(cfg.seed)
-    model = model_for(cfg, spec).to(device, memory_format=layout)
+    model = model_for(cfg, spec).to(device).to(memory_format=layout)  # torch's stubs lack .to(device, memory_format=)
     return model, make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss]()
 
 
@@ -39,7 +39,7 @@ def train_steps(
     model.train()
     device = next(model.parameters()).device
     started = time.perf_counter()
-    for _, (x, y) in zip(range(steps), batches):
+    for _, (x, y) in zip(range(steps), batches, strict=False):  # the first `steps` batches
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(model(x), y)
         optimizer.zero_grad()

@@ -5,13 +5,13 @@
     .venv/bin/python -m bench.throughput --no-ray   # only the in-process contenders
 
 Run from the repository root. The data are MNIST-sized stand-ins (60,000 + 10,000 28x28 uint8 images
-in the real IDX layout, tests/formats.py's writer), generated once into bench/.data and reused; the
+in the real IDX layout, pipeline/standin.py's writer), generated once into bench/.data and reused; the
 pipeline's Parquet copy lands under bench/.data/parquet. Two models, each trained by:
 
   tutorial        torchvision's MNIST/FashionMNIST dataset (PIL + ToTensor + Normalize per sample) and
                   DataLoader(batch_size=64, shuffle=True, drop_last=True), the plain tutorial loop
   preloaded       the whole training set as one normalized float tensor; shuffled index batches
-  pipeline        pipeline.train.run_worker with a LocalSession: the project's loop in this process
+  pipeline        pipeline.loop.run_worker with a LocalSession: the project's loop in this process
   Ray ...         pipeline.train.run_training with scaling.num_workers=1 (1 or 2 CPUs per worker) and
                   num_workers=2 (global throughput), from the in-memory tensor (the fast path) and,
                   "streamed", from Ray Data shards of the same Parquet files (data.loader=stream)
@@ -29,21 +29,28 @@ training steps only, not the Parquet read or the evaluation that run_worker also
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.common import DATA_ROOT, ensure_mnist_data, load_conf, markdown_table
 from bench.plain import Batch, fresh_model, normalized, shuffled_batches, train_steps
 from pipeline.checkpoints import LocalSession
+from pipeline.checks import check_training
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec
-from pipeline.train import prepare, run_training, run_worker
+from pipeline.data.store import DatasetSpec
+from pipeline.loop import run_worker
+from pipeline.train import run_training
+
+if TYPE_CHECKING:
+    from torchvision.datasets import MNIST
 
 BATCH = 64
 THREADS = 2
@@ -78,7 +85,9 @@ def cases(mlp_samples: int, cnn_samples: int) -> list[Case]:
     nchw = ("train.channels_last=false",)
     return [
         Case("MNIST MLP (conf/mnist_mlp.yaml)", "mnist_mlp", (), "MNIST", mlp_samples),
-        Case("2-conv CNN (conf/fashion_mnist_cnn.yaml, no augmentation)", "fashion_mnist_cnn", no_augment + nchw, "FashionMNIST", cnn_samples),
+        Case(
+            "2-conv CNN (conf/fashion_mnist_cnn.yaml, no augmentation)", "fashion_mnist_cnn", no_augment + nchw, "FashionMNIST", cnn_samples
+        ),
     ]
 
 
@@ -113,7 +122,7 @@ def time_plain_loop(cfg: ExperimentConfig, spec: DatasetSpec, batches: Iterator[
     return steps * BATCH / train_steps(model, optimizer, loss_fn, batches, steps)
 
 
-def torchvision_dataset(case: Case, spec: DatasetSpec) -> torch.utils.data.Dataset:
+def torchvision_dataset(case: Case, spec: DatasetSpec) -> MNIST:  # MNIST or FashionMNIST (a subclass): .data, .targets
     from torchvision import datasets, transforms
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)])
@@ -166,7 +175,7 @@ def in_process_contenders(case: Case, warmup: int) -> tuple[int, list[Contender]
     """The three contenders that run in this process, each measurement warmed up; and the timed samples."""
     steps = case.samples // BATCH
     cfg = pipeline_conf(case, steps * BATCH, workers=0)
-    spec = prepare(cfg)  # writes the Parquet copy the first time
+    spec = check_training(cfg)  # writes the Parquet copy the first time
     dataset = torchvision_dataset(case, spec)
     pipeline_in_process(pipeline_conf(case, warmup * BATCH, workers=0), spec)  # one-time costs: first read, first steps
     return steps * BATCH, [
@@ -186,7 +195,8 @@ def ray_contenders(case: Case) -> list[tuple[int, Contender]]:
     """
     one = case.samples // BATCH * BATCH
     two = case.samples // (2 * BATCH) * 2 * BATCH  # whole global batches of 2 x 64
-    found = []
+    cores = os.cpu_count() or 1
+    found: list[tuple[int, Contender]] = []
     for label, workers, cpus, samples, loader in (
         ("Ray 1 worker", 1, 1, one, "memory"),
         ("Ray 1 worker, 2 CPUs", 1, 2, one, "memory"),
@@ -194,13 +204,13 @@ def ray_contenders(case: Case) -> list[tuple[int, Contender]]:
         ("Ray 1 worker, streamed", 1, 1, one, "stream"),
         ("Ray 2 workers, streamed", 2, 1, two, "stream"),
     ):
-        if loader == "stream" and workers * cpus >= os.cpu_count():
-            print(f"  (skipped {label}: Ray Data's read tasks need a CPU beside the workers; this machine has {os.cpu_count()})")
+        if loader == "stream" and workers * cpus >= cores:
+            print(f"  (skipped {label}: Ray Data's read tasks need a CPU beside the workers; this machine has {cores})")
             continue
         cfg = pipeline_conf(case, samples, workers=workers, cpus=cpus, epochs=2, loader=loader)
         feed = "Ray Data shards (data.loader=stream)" if loader == "stream" else "in-memory tensor"
         how = f"run_training, 2nd epoch, global batch {BATCH * workers}; {cpus} CPU (torch thread) per worker; {feed}"
-        found.append((samples, (f"pipeline {label}", how, lambda cfg=cfg: pipeline_on_ray(cfg))))
+        found.append((samples, (f"pipeline {label}", how, functools.partial(pipeline_on_ray, cfg))))
     return found
 
 
@@ -208,10 +218,10 @@ def measure(contenders: list[tuple[int, Contender]], repeats: int) -> list[Resul
     """Every contender `repeats` times, round-robin, so that a noisy neighbour hits them all alike."""
     rates: list[list[float]] = [[] for _ in contenders]
     for _ in range(repeats):
-        for (_, (name, _, run)), found in zip(contenders, rates):
+        for (_, (name, _, run)), found in zip(contenders, rates, strict=True):
             found.append(run())
             print(f"  {name:<30} {found[-1]:>9,.0f} samples/s", flush=True)
-    return [Result(name, samples, tuple(found), how) for (samples, (name, how, _)), found in zip(contenders, rates)]
+    return [Result(name, samples, tuple(found), how) for (samples, (name, how, _)), found in zip(contenders, rates, strict=True)]
 
 
 def results_table(results: list[Result]) -> str:
@@ -250,7 +260,7 @@ def main(argv: list[str] | None = None) -> str:
         samples, contenders = in_process_contenders(case, args.warmup_steps)
         results[case] = measure([(samples, c) for c in contenders], args.repeats)
     if args.ray:
-        from pipeline.train import ensure_ray
+        from pipeline.runtime import ensure_ray
 
         ensure_ray()  # as the CLI starts it: all of this machine's CPUs
         for case in results:

@@ -135,7 +135,16 @@ def overhead_table(trials: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
         ratio = f"{per_trial / (base['search'] / base['trials']):.2f}x"
         rows.append((f"tune.trial_runner={runner}", r["trials"], f"{r['ray_start']:.2f}", f"{r['search']:.2f}",
                      f"{per_trial:.2f}", ratio, gap, f"{r['process']:.2f}"))  # fmt: skip
-    headers = ["trial runner", "trials", "Ray start s", "run_search s", "per trial s", "vs in_process", "between trial starts s", "whole process s"]
+    headers = [
+        "trial runner",
+        "trials",
+        "Ray start s",
+        "run_search s",
+        "per trial s",
+        "vs in_process",
+        "between trial starts s",
+        "whole process s",
+    ]
     return markdown_table(headers, rows), list(found.values())
 
 

@@ -1,7 +1,7 @@
 """Ray-distributed PyTorch training pipeline.
 
-    from pipeline import load_model
-    model = load_model("mnist_mlp@champion")   # nn.Module in eval mode: raw uint8 images in, logits out
+from pipeline import load_model
+model = load_model("mnist_mlp@champion")   # nn.Module in eval mode: raw uint8 images in, logits out
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.checkpoints import Session
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec, SplitRows, batch_indices, has_validation, load_split_rows, shard_indices, train_rows
+from pipeline.data.store import DatasetSpec, SplitRows, batch_indices, has_validation, load_split_rows, shard_indices, train_rows
 
 __all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names", "target_for"]
 
@@ -56,7 +56,9 @@ class InMemory:
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
         """This rank's part of each global batch of the epoch, and how many there are."""
         data, session = self.splits["train"], self.session
-        batches = list(batch_indices(len(data), self.cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=self.cfg.seed))
+        batches = list(
+            batch_indices(len(data), self.cfg.data.batch_size, session.rank, session.world_size, epoch=epoch, seed=self.cfg.seed)
+        )
         # The epoch's order goes to the device in one copy: one blocking host-to-device copy per step
         # would stall a GPU between steps.
         indices = data.at(torch.from_numpy(np.stack(batches)).to(session.device))
@@ -106,8 +108,8 @@ def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) ->
     for name, split in splits.items():
         if id(split.x) not in tensors:
             # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
-            x = torch.from_numpy(np.require(split.x, requirements="CW")).to(device)
-            tensors[id(split.x)] = x, target_for(torch.from_numpy(np.require(split.y, requirements="CW")), loss).to(device)
+            x = torch.from_numpy(np.require(split.x, requirements=("C", "W"))).to(device)
+            tensors[id(split.x)] = x, target_for(torch.from_numpy(np.require(split.y, requirements=("C", "W"))), loss).to(device)
         rows = None if split.rows is None else torch.from_numpy(split.rows).to(device)
         batches[name] = Batches(*tensors[id(split.x)], rows)
     return batches

@@ -1,6 +1,6 @@
 """Where the per-worker loop meets its runner: rank, device, restore and report.
 
-The training loop in train.py talks to a `Session` only, so one loop serves two runners:
+The worker loop in loop.py talks to a `Session` only, so one loop serves two runners:
 - `RaySession`: inside a Ray Train worker; reports go through `ray.train.report` (a barrier on every
   rank), checkpoints are persisted and pruned by Ray, and DDP wraps the model.
 - `LocalSession`: in this process, without Ray (`scaling.num_workers=0`, benchmarks); it keeps the
@@ -22,7 +22,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from pipeline.data import file_sha256
+from pipeline.data.store import file_sha256
+from pipeline.errors import BadInput
 
 __all__ = [
     "CheckpointError",
@@ -41,7 +42,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BadInput):
     """A checkpoint that is incomplete or whose state file does not match its recorded checksum."""
 
 
@@ -121,7 +122,7 @@ def load_state(directory: Path) -> dict[str, Any]:
     try:
         # weights_only: a checkpoint holds tensors and plain containers, never code to run.
         return torch.load(state_file, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+    except Exception as err:
         raise CheckpointError(f"checkpoint {directory}: {STATE_FILE} cannot be read: {type(err).__name__}: {err}") from None
 
 

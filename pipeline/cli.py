@@ -1,4 +1,4 @@
-"""The `pipeline` command: parse arguments, call the package, turn known errors into exit codes.
+"""The `pipeline` command: parse arguments, call the package, turn its two kinds of error into exit codes.
 
     pipeline train conf/fashion_mnist_cnn.yaml train.epochs=3 scaling.num_workers=2
     pipeline predict fashion_mnist_cnn@champion shoe.png --out predictions.csv
@@ -27,6 +27,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, load_config
+from pipeline.errors import BadInput, RunFailed
 from pipeline.runtime import Terminated, exit_now, install_signal_handlers, stop_ray
 
 if TYPE_CHECKING:
@@ -116,11 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "submit": _submit, "jobs": _jobs}
     try:
         return commands[args.command](args)
-    except ValueError as err:  # ConfigError, DataError, RegistryError, InputError: bad input, said plainly
-        if not isinstance(err, _bad_input_errors()):
-            raise
+    except BadInput as err:  # the message names the key path, file or value, and the fix
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RunFailed as err:  # the cause on one line (a worker's own error), without Ray's stack
+        print(f"error: training failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated): what ran is marked KILLED already
         how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
         hint = RESUME_HINT.get({"run": "tune", "jobs": "submit"}.get(args.command, args.command))
@@ -129,20 +131,6 @@ def main(argv: list[str] | None = None) -> int:
             exit_now(EXIT_TERMINATED)
         stop_ray()  # no Ray process of ours outlives this one
         return EXIT_INTERRUPTED
-
-
-def _bad_input_errors() -> tuple[type[ValueError], ...]:
-    errors: list[type[ValueError]] = [ConfigError]
-    for module, name in (
-        ("pipeline.data", "DataError"),
-        ("pipeline.cluster", "JobError"),
-        ("pipeline.checkpoints", "CheckpointError"),
-        ("pipeline.registry", "RegistryError"),
-        ("pipeline.serving", "InputError"),
-    ):
-        if module in sys.modules:  # only errors of modules in use: no heavy import just to compare
-            errors.append(getattr(sys.modules[module], name))
-    return tuple(errors)
 
 
 def _quiet_libraries() -> None:
@@ -160,20 +148,17 @@ def _train(args: argparse.Namespace) -> int:
     if args.dry_run:
         cfg = cfg.dry_run()
     from pipeline.console import TrainingDisplay, print_summary
-    from pipeline.tracking import redact_tree
+    from pipeline.redaction import redact_tree
     from pipeline.train import run_training
 
-    try:
-        with TrainingDisplay(cfg.train.epochs) as display:
-            result = run_training(
-                cfg,
-                fresh=args.fresh or args.dry_run,
-                on_event=display,
-                verbose=args.verbose,
-                register=not (args.no_register or args.dry_run),
-            )
-    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
-        return _training_failed(err)
+    with TrainingDisplay(cfg.train.epochs) as display:
+        result = run_training(
+            cfg,
+            fresh=args.fresh or args.dry_run,
+            on_event=display,
+            verbose=args.verbose,
+            register=not (args.no_register or args.dry_run),
+        )
     summary = redact_tree(result.summary())  # credentials in an object-store storage_path stay off the console
     if args.output == "json":
         print(json_line(summary))
@@ -184,6 +169,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def json_line(result: dict) -> str:
     """Strict JSON (RFC 8259): a NaN or infinite value is null, never the bare NaN that parsers refuse."""
+
     def finite(value: object) -> object:
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -196,32 +182,19 @@ def json_line(result: dict) -> str:
     return json.dumps(finite(result), default=str, allow_nan=False)
 
 
-def _training_failed(err: Exception) -> int:
-    """Exit 1 with the worker's own error on one line; any other exception is a bug and keeps its traceback."""
-    from pipeline.train import training_failure
-
-    message = training_failure(err)
-    if message is None:
-        raise err
-    print(f"error: training failed: {message}", file=sys.stderr)
-    return EXIT_FAILED
-
-
 def _search(args: argparse.Namespace) -> int:
     cfg = load_config(args.conf, args.overrides)
+    from pipeline.checks import search_metric
     from pipeline.console import TrialTable, print_search, print_summary
-    from pipeline.tracking import redact_tree
-    from pipeline.tune import run_pipeline, run_search, search_metric
+    from pipeline.redaction import redact_tree
+    from pipeline.tune import run_pipeline, run_search
 
-    try:
-        with TrialTable(*search_metric(cfg)) as table:
-            if args.command == "tune":
-                result = {"search": run_search(cfg, fresh=args.fresh, register=not args.no_register, on_event=table,
-                                               verbose=args.verbose).summary()}  # fmt: skip
-            else:
-                result = run_pipeline(cfg, fresh=args.fresh, register=not args.no_register, on_event=table, verbose=args.verbose)
-    except Exception as err:  # noqa: BLE001 - Ray wraps worker errors; say what failed, without Ray's stack
-        return _training_failed(err)
+    with TrialTable(*search_metric(cfg)) as table:
+        if args.command == "tune":
+            search = run_search(cfg, fresh=args.fresh, register=not args.no_register, on_event=table, verbose=args.verbose)
+            result = {"search": search.summary()}
+        else:
+            result = run_pipeline(cfg, fresh=args.fresh, register=not args.no_register, on_event=table, verbose=args.verbose)
     result = redact_tree(result)
     if args.output == "json":
         print(json_line(result))
@@ -244,7 +217,8 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from pipeline.tracking import redact, resolve_store, ui_command
+    from pipeline.redaction import redact
+    from pipeline.tracking import resolve_store, ui_command
 
     store = resolve_store(None)
     if store.is_server:
@@ -278,7 +252,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as err:
-            raise ConfigError(f"--port {port}: {host}:{port} is in use by another program ({err.strerror}); choose another, e.g. --port {port + 1}") from None
+            raise ConfigError(
+                f"--port {port}: {host}:{port} is in use by another program ({err.strerror}); choose another, e.g. --port {port + 1}"
+            ) from None
 
 
 def _submit(args: argparse.Namespace) -> int:

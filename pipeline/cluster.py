@@ -19,13 +19,15 @@ import shlex
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.config import describe_invalid, load_config
+from pipeline.config import load_config
+from pipeline.errors import BadInput, describe_invalid
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -38,7 +40,7 @@ ALWAYS_EXCLUDED = [".venv", ".git", "data", "runs", "mlruns", "mlartifacts", "ml
 _VARIABLE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
 
 
-class JobError(ValueError):
+class JobError(BadInput):
     """Bad input for a job: a spec, an address, a token. Exit 2, nothing submitted."""
 
 
@@ -83,7 +85,7 @@ class PreparedJob(BaseModel):
     resources: dict[str, Any]
 
 
-def load_job(path: str | Path, overrides: list[str] = (), environ: dict[str, str] | None = None) -> PreparedJob:
+def load_job(path: str | Path, overrides: Sequence[str] = (), environ: dict[str, str] | None = None) -> PreparedJob:
     """Read, expand and check a job spec; `overrides` are appended to its entrypoint's."""
     path = Path(path)
     spec = _read_spec(path)
@@ -93,7 +95,9 @@ def load_job(path: str | Path, overrides: list[str] = (), environ: dict[str, str
     overrides = [_expand(o, f"{path}: entrypoint.overrides", environ) for o in [*spec.entrypoint.overrides, *overrides]]
     working_dir = Path(spec.runtime_env.working_dir).resolve()
     if not working_dir.is_dir():
-        raise JobError(f"{path}: runtime_env.working_dir: {working_dir} is not a folder; paths are relative to where `pipeline submit` runs")
+        raise JobError(
+            f"{path}: runtime_env.working_dir: {working_dir} is not a folder; paths are relative to where `pipeline submit` runs"
+        )
     conf = working_dir / spec.entrypoint.conf
     if not conf.is_file():
         raise JobError(f"{path}: entrypoint.conf: {spec.entrypoint.conf} is not a file in the working directory {working_dir}")
@@ -115,7 +119,7 @@ def load_job(path: str | Path, overrides: list[str] = (), environ: dict[str, str
 
 def printable(entrypoint: str) -> str:
     """The entrypoint fit for a terminal: credentials in URIs and values of secret-looking keys hidden."""
-    from pipeline.tracking import REDACTED, is_secret_key, redact, redact_tree
+    from pipeline.redaction import REDACTED, is_secret_key, redact, redact_tree
 
     words = []
     for word in shlex.split(entrypoint):

@@ -15,11 +15,14 @@ import itertools
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import BadInput, describe_invalid
 
 __all__ = [
     "DATASET_NAMES",
@@ -30,11 +33,11 @@ __all__ = [
     "ExperimentConfig",
     "config_hash",
     "flatten",
-    "with_values",
     "load_config",
+    "with_values",
 ]
 
-# The catalogs' names. data.py and models.py map each name to a builder; tests/test_config.py checks
+# The catalogs' names. data/sources.py and models.py map each name to a reader or builder; tests/test_config.py checks
 # that both sides agree, so a name can be validated here without importing torch.
 DATASET_NAMES = ("linear", "circles", "mnist", "fashion_mnist", "cifar10", "tabular", "image_folder")
 MODEL_NAMES = (
@@ -59,7 +62,7 @@ _ENV_VAR = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
 _PATH_SCHEMES = ("sqlite:///", "file://", "file:")  # URIs whose remainder is a local path
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config that cannot be used; the message names the key path and the fix."""
 
 
@@ -282,7 +285,7 @@ class ExperimentConfig(_Section):
         return "max" if self.metric.endswith("accuracy") else "min"
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment, apply `key.path=value` overrides, and validate everything."""
     raw = _read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "overrides"
@@ -301,9 +304,10 @@ def with_values(cfg: ExperimentConfig, values: dict[str, Any], source: str = "va
         *parents, leaf = key.split(".")
         node = raw
         for depth, part in enumerate(parents):
-            node = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(node, dict):
+            child = node.get(part)
+            if not isinstance(child, dict):
                 raise ConfigError(f"{source}: {key}: {'.'.join(parents[: depth + 1])} is not a config section")
+            node = child
         node[leaf] = value
     try:
         return ExperimentConfig.model_validate(raw)
@@ -423,32 +427,3 @@ def _parse_value(text: str) -> Any:
 
 def _describe(err: ValidationError, source: str) -> str:
     return describe_invalid(err, source, ExperimentConfig, "config")
-
-
-def describe_invalid(err: ValidationError, source: str, root: type[BaseModel], what: str) -> str:
-    """A validation error as one line per problem, each naming its key path and what is allowed."""
-    lines = [f"{source}: invalid {what}"]
-    for problem in err.errors():
-        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        lines.append(f"  {key}: {_explain(problem, root)}")
-    return "\n".join(lines)
-
-
-def _explain(problem: dict[str, Any], root: type[BaseModel]) -> str:
-    kind = problem["type"]
-    if kind == "extra_forbidden":
-        return f"unknown key; the keys here are: {', '.join(_allowed_keys(problem['loc'], root))}"
-    message = problem["msg"].removeprefix("Value error, ")
-    if "input" not in problem or isinstance(problem["input"], dict):
-        return message
-    return f"{message} (got {problem['input']!r})"
-
-
-def _allowed_keys(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
-    model: type[BaseModel] = root
-    for part in loc[:-1]:
-        annotation = model.model_fields[str(part)].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            break
-        model = annotation
-    return sorted(model.model_fields)

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 __all__ = ["TrainingDisplay", "TrialTable", "format_metrics", "print_search", "print_summary"]
@@ -42,7 +42,7 @@ class TrainingDisplay:
             transient=True,
             disable=not self.console.is_terminal,
         )
-        self.task = None
+        self.task: TaskID | None = None  # the epoch's bar, from its first batch to its end
 
     def __enter__(self) -> TrainingDisplay:
         self.progress.start()
@@ -93,7 +93,9 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     if summary.get("mlflow_run_id"):
         table.add_row("mlflow run", summary["mlflow_run_id"])
     if registration := summary.get("registration"):
-        table.add_row("registered", f"{registration['name']} version {registration['version']} @{registration['alias']}: {registration['reason']}")
+        table.add_row(
+            "registered", f"{registration['name']} version {registration['version']} @{registration['alias']}: {registration['reason']}"
+        )
     console.print(table)
 
 
@@ -154,9 +156,13 @@ def _cell(value: Any) -> str:
 def print_search(summary: dict[str, Any], console: Console | None = None) -> None:
     """The finished search: every trial with its outcome, the best first."""
     console = console or Console()
-    trials = sorted(summary["trials"], key=lambda t: (t["best"] is None, -(t["best"] or 0) if summary["mode"] == "max" else (t["best"] or 0)))
+    trials = sorted(
+        summary["trials"], key=lambda t: (t["best"] is None, -(t["best"] or 0) if summary["mode"] == "max" else (t["best"] or 0))
+    )
     keys = sorted({k for t in trials for k in t["params"]})
-    table = Table(title=f"search {summary['name']}: best {summary['metric']} {_cell(summary['best_value'])} (trial {summary['best_trial']})")
+    table = Table(
+        title=f"search {summary['name']}: best {summary['metric']} {_cell(summary['best_value'])} (trial {summary['best_trial']})"
+    )
     for column in ("trial", "status", *keys, "epochs", f"best {summary['metric']}"):
         table.add_column(column)
     for t in trials:

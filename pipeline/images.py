@@ -3,7 +3,7 @@
     channels = channels_of(first_image)                  # 1 (grayscale kinds) or 3 (everything else)
     pixels = read_pixels(path, channels, size=(28, 28))  # uint8 (C, H, W), or ImageError naming the file
 
-Training's image folders (data.py) and `pipeline predict` (predict.py) both read files here, so an image
+Training's image folders (data/sources.py) and `pipeline predict` (predict.py) both read files here, so an image
 is turned into pixels the same way on both sides: every mode converted to grayscale or RGB as Pillow
 converts it (palette through its colours, alpha dropped), 16-bit and 32-bit integer images scaled to 8 bits
 (not clipped to white, as Pillow's own conversion does), resized only when asked (the training data was).
@@ -12,9 +12,14 @@ converts it (palette through its colours, alpha dropped), 16-bit and 32-bit inte
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from pipeline.errors import BadInput
+
+if TYPE_CHECKING:  # Pillow is imported where an image is read, not when this module is
+    from PIL.Image import Image as PILImage
 
 __all__ = ["ImageError", "channels_of", "open_image", "read_pixels", "to_pixels"]
 
@@ -22,7 +27,7 @@ GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16 or 32 bits per pixel: scaled, not clipped
 
 
-class ImageError(ValueError):
+class ImageError(BadInput):
     """A file that is not an image this contract can turn into pixels; the message names it."""
 
 
@@ -31,7 +36,7 @@ def channels_of(image: object) -> int:
     return 1 if getattr(image, "mode", "") in GRAYSCALE_MODES else 3
 
 
-def open_image(path: Path) -> Any:
+def open_image(path: Path) -> PILImage:
     """A file's image, loaded, or an ImageError naming the file: not an image, damaged, or too large to load."""
     from PIL import Image, UnidentifiedImageError
 
@@ -55,7 +60,7 @@ def read_pixels(path: Path, channels: int, size: tuple[int, int] | None = None) 
         raise ImageError(f"{path}: {err}") from None
 
 
-def to_pixels(image: object, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
+def to_pixels(image: PILImage, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
     """An open Pillow image as uint8 (channels, height, width), by the rules in this module's docstring."""
     from PIL import Image
 

@@ -20,10 +20,10 @@ class PipelineModel(PythonModel):
     # The input schema is the signature inferred from the input example, not type hints on predict.
     _skip_type_hint_validation = True
 
-    def load_context(self, context) -> None:  # noqa: ANN001
+    def load_context(self, context) -> None:
         self.predictor = load_predictor(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         return self.predictor.predict_table(model_input)
 
 

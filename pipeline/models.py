@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -22,7 +21,7 @@ from pipeline.config import ModelConfig
 
 if TYPE_CHECKING:
     from pipeline.config import ExperimentConfig
-    from pipeline.data import DatasetSpec
+    from pipeline.data.store import DatasetSpec
 
 __all__ = ["MODELS", "build_model", "model_for", "num_outputs"]
 
@@ -72,9 +71,7 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.
         conv = nn.Conv2d(c_in, c_out, kernel_size=5, padding=2)
         return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2))
 
-    return nn.Sequential(
-        block(channels, 16), block(16, 32), nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), num_outputs)
-    )
+    return nn.Sequential(block(channels, 16), block(16, 32), nn.Flatten(), nn.Linear(32 * (height // 4) * (width // 4), num_outputs))
 
 
 def resnet18(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int) -> nn.Module:

@@ -1,11 +1,11 @@
 """The figures a person would rather look at than read, logged with each run (matplotlib, no display).
 
-    learning_curves(history, "val_accuracy")        # losses and the metric per epoch
-    confusion_matrix(targets, predicted, classes)   # classifiers
-    decision_boundary(probability_of_1, x, y)       # 2-D classifiers
-    prediction_vs_target(targets, predicted)        # regression
-    metric_against(values, scores, "optim.lr", ...) # a search: the metric against one hyperparameter
-    trial_curves({trial: [(epoch, value)]}, ...)    # a search: every trial's learning curve
+learning_curves(history, "val_accuracy")        # losses and the metric per epoch
+confusion_matrix(targets, predicted, classes)   # classifiers
+decision_boundary(probability_of_1, x, y)       # 2-D classifiers
+prediction_vs_target(targets, predicted)        # regression
+metric_against(values, scores, "optim.lr", ...) # a search: the metric against one hyperparameter
+trial_curves({trial: [(epoch, value)]}, ...)    # a search: every trial's learning curve
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: works without a screen, in workers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 __all__ = ["confusion_matrix", "decision_boundary", "learning_curves", "metric_against", "prediction_vs_target", "trial_curves"]
 
@@ -30,17 +32,17 @@ def learning_curves(history: History, metric: str) -> Figure:
     figure, (losses, score) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for key in ("train_loss", "val_loss"):
         if key in history:
-            epochs, values = zip(*history[key])
+            epochs, values = zip(*history[key], strict=True)
             losses.plot(epochs, values, marker="o", label=key)
     losses.set(xlabel="epoch", ylabel="loss", title="loss")
     losses.legend()
     if metric in history:
-        epochs, values = zip(*history[metric])
+        epochs, values = zip(*history[metric], strict=True)
         score.plot(epochs, values, marker="o", color="tab:green")
     score.set(xlabel="epoch", ylabel=metric, title=metric)
     for axes in (losses, score):
         axes.grid(alpha=0.3)
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        _whole_epochs(axes)
     return figure
 
 
@@ -111,13 +113,20 @@ def trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str, best: 
     """Every trial's metric per epoch on one figure; trials stopped early end early; the best is bold."""
     figure, axes = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
     for trial, points in sorted(curves.items()):
-        epochs, values = zip(*points)
+        epochs, values = zip(*points, strict=True)
         bold = trial == best
         axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.5 if bold else 1, alpha=1 if bold else 0.6,
                   label=f"{trial} (best)" if bold else trial)  # fmt: skip
     axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} of every trial")
     axes.grid(alpha=0.3)
-    axes.xaxis.get_major_locator().set_params(integer=True)
+    _whole_epochs(axes)
     if len(curves) <= 12:
         axes.legend(fontsize=7)
     return figure
+
+
+def _whole_epochs(axes: Axes) -> None:
+    """Ticks at whole numbers only: the x axis counts epochs."""
+    locator = axes.xaxis.get_major_locator()
+    if isinstance(locator, MaxNLocator):  # the default, AutoLocator, is one; set_params(integer=) is MaxNLocator's
+        locator.set_params(integer=True)

@@ -52,7 +52,7 @@ def read_inputs(path: Path, predictor: Predictor) -> tuple[list[str], np.ndarray
         table = _read_table(path)
         _checked(path, predictor, table)
         return [f"{path}:{row}" for row in range(len(table))], table
-    raise InputError(f"{path}: unsupported input; give {', '.join(IMAGE_SUFFIXES + ('.npy',) + TABLE_SUFFIXES)} files")
+    raise InputError(f"{path}: unsupported input; give {', '.join((*IMAGE_SUFFIXES, '.npy', *TABLE_SUFFIXES))} files")
 
 
 def _read_array(path: Path) -> np.ndarray:

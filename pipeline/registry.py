@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from pipeline.errors import BadInput
 from pipeline.serving import Predictor, export_model, load_predictor
 from pipeline.tracking import TrackedRun, client, resolve_store
 
@@ -39,7 +40,7 @@ PACKAGE_DIR = Path(__file__).parent  # shipped with the model: loading needs no 
 REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "mlflow")
 
 
-class RegistryError(ValueError):
+class RegistryError(BadInput):
     """A model reference that does not resolve; the message lists what exists."""
 
 
@@ -111,9 +112,7 @@ def register_best(
             raise
     measure = Measure(metric, split, tags.get("data_hash", ""), mode)
     version_tags = {**tags, "metric": metric, "metric_split": split, "metric_value": repr(value), "checkpoint_epoch": str(epoch)}
-    version = mlflow_client.create_model_version(
-        name, logged.model_uri, run_id=run.run_id, tags=version_tags, model_id=logged.model_id
-    )
+    version = mlflow_client.create_model_version(name, logged.model_uri, run_id=run.run_id, tags=version_tags, model_id=logged.model_id)
     try:
         alias, champion_value, reason = _crown(mlflow_client, name, version.version, measure, value)
     except BaseException:

@@ -25,11 +25,12 @@ from pipeline import plots
 from pipeline.batches import target_for
 from pipeline.checkpoints import load_state, local_checkpoint
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec, load_split_rows, load_test_split
+from pipeline.data.store import DatasetSpec, load_split_rows, load_test_split
+from pipeline.loop import LOSSES, OneProcess, evaluate
+from pipeline.redaction import safe_config
 from pipeline.registry import Registration, register_best
 from pipeline.serving import EVAL_BATCH, Predictor, build_predictor
-from pipeline.tracking import TrackedRun, client, log_figure, log_metrics, log_text, metric_history, safe_config, set_tags
-from pipeline.train import LOSSES, OneProcess, evaluate
+from pipeline.tracking import TrackedRun, client, log_figure, log_metrics, log_text, metric_history, set_tags
 
 __all__ = ["evaluate_checkpoint", "registered_name", "registry_metric", "report_run"]
 
@@ -64,8 +65,8 @@ def _test_metrics(predictor: Predictor, cfg: ExperimentConfig, spec: DatasetSpec
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     predictor = predictor.to(device)
     batches = (
-        (torch.from_numpy(np.require(x[i : i + EVAL_BATCH], requirements="CW")).to(device),
-         target_for(torch.from_numpy(np.require(y[i : i + EVAL_BATCH], requirements="CW")), cfg.loss).to(device))
+        (torch.from_numpy(np.require(x[i : i + EVAL_BATCH], requirements=("C", "W"))).to(device),
+         target_for(torch.from_numpy(np.require(y[i : i + EVAL_BATCH], requirements=("C", "W"))), cfg.loss).to(device))
         for i in range(0, len(y), EVAL_BATCH)
     )  # fmt: skip
     return evaluate(predictor, batches, LOSSES[cfg.loss](), lambda batch: batch, cfg, OneProcess(device), prefix="test")

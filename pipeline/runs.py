@@ -63,7 +63,9 @@ RESUMABLE_KEYS = (
 # A search's own result depends on its space, sampler and scheduler: only these tune keys may change.
 # train.epochs is each trial's budget (ASHA's max_t): a search with more epochs is another search.
 SEARCH_RESUMABLE_KEYS = (
-    *(k for k in RESUMABLE_KEYS if k not in ("tune", "train.epochs")), "tune.max_concurrent_trials", "tune.trial_runner"
+    *(k for k in RESUMABLE_KEYS if k not in ("tune", "train.epochs")),
+    "tune.max_concurrent_trials",
+    "tune.trial_runner",
 )
 RECORD_FILE = "run.json"
 KEY_LENGTH = 12
@@ -216,7 +218,9 @@ def _changes_from_latest(folder: str, record: RunRecord) -> tuple[list[str], str
         return [], None
     latest = max(others, key=lambda r: r.created)
     keys = sorted(set(latest.identity) | set(record.identity))
-    changed = [f"{k}: {latest.identity.get(k)!r} -> {record.identity.get(k)!r}" for k in keys if latest.identity.get(k) != record.identity.get(k)]
+    changed = [
+        f"{k}: {latest.identity.get(k)!r} -> {record.identity.get(k)!r}" for k in keys if latest.identity.get(k) != record.identity.get(k)
+    ]
     return changed, latest.key
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 from pipeline.config import ConfigError
+from pipeline.errors import RunFailed
 
 __all__ = [
     "Needs",
@@ -50,7 +51,7 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (Kubernetes, systemd, `timeout`): handled as Ctrl-C is, with its own exit code."""
 
 
-class ResourceWaitTimeout(RuntimeError):
+class ResourceWaitTimeout(RunFailed):
     """The cluster did not give the run its resources within scaling.resource_wait_s."""
 
 
@@ -202,7 +203,7 @@ def run_interruptibly(work: Callable[[], T], watch: Callable[[], None] | None = 
     def target() -> None:
         try:
             outcome["value"] = work()
-        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread as it is
+        except BaseException as err:
             outcome["error"] = err
 
     thread = threading.Thread(target=target, name="pipeline-ray-call", daemon=True)
@@ -235,7 +236,7 @@ def event_pump(emit: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
         while not stop.is_set():
             try:
                 drain(block=True)
-            except Exception:  # noqa: BLE001 - Ray going down (Ctrl-C, SIGTERM): nothing more will come
+            except Exception:
                 return
 
     thread = threading.Thread(target=pump, daemon=True)

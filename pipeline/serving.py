@@ -22,7 +22,9 @@ from torch import nn
 
 from pipeline.checkpoints import load_state
 from pipeline.config import ExperimentConfig
-from pipeline.data import DatasetSpec, Normalize
+from pipeline.data.store import DatasetSpec
+from pipeline.data.transforms import Normalize
+from pipeline.errors import BadInput
 from pipeline.models import model_for
 
 __all__ = ["InputError", "Predictor", "build_predictor", "export_model", "load_predictor"]
@@ -34,7 +36,7 @@ EVAL_BATCH = 1024
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # the network computes in float32: a larger value would become inf
 
 
-class InputError(ValueError):
+class InputError(BadInput):
     """Inputs a model cannot take; the message names the expected shape or columns."""
 
 
@@ -95,7 +97,7 @@ class Predictor(nn.Module):
     def image_layouts(self) -> list[tuple[tuple[int, ...], str]]:
         """The shapes an image batch may come in (without N: one image), in the order they are tried."""
         c, h, w = self.input_shape
-        layouts = [((c, h, w), "NCHW"), ((h, w, c), "NHWC")]  # PyTorch's layout; NumPy's and PIL's
+        layouts: list[tuple[tuple[int, ...], str]] = [((c, h, w), "NCHW"), ((h, w, c), "NHWC")]  # PyTorch's layout; NumPy's and PIL's
         return [*layouts, ((h, w), "NHW")] if c == 1 else layouts  # one channel: also without a channel axis
 
     def _images(self, x: np.ndarray) -> np.ndarray:
@@ -123,7 +125,9 @@ class Predictor(nn.Module):
 
     def describe_input(self) -> str:
         if self.feature_names:
-            return f"(N, {self.input_shape[0]}) finite numbers, or one row of {self.input_shape[0]}: columns {', '.join(self.feature_names)}"
+            return (
+                f"(N, {self.input_shape[0]}) finite numbers, or one row of {self.input_shape[0]}: columns {', '.join(self.feature_names)}"
+            )
         channels, height, width = self.input_shape
         kind = {1: "grayscale", 3: "RGB"}.get(channels, f"{channels}-channel")
         shapes = " or ".join(f"(N, {', '.join(map(str, shape))})" for shape, _ in self.image_layouts())
@@ -138,7 +142,9 @@ class Predictor(nn.Module):
             raise InputError(f"the table lacks columns {missing}; this model takes {self.describe_input()}")
         repeated = [c for c in self.feature_names if columns.count(c) > 1]
         if repeated:  # which of the two is the feature? No guess: one of them would be fed as a third feature
-            raise InputError(f"the table has more than one column named {repeated}; keep one of each. This model takes {self.describe_input()}")
+            raise InputError(
+                f"the table has more than one column named {repeated}; keep one of each. This model takes {self.describe_input()}"
+            )
         features = table[list(self.feature_names)].infer_objects()  # object columns that hold numbers become numbers
         # A header-only CSV reads as empty text columns: nothing in them is wrong.
         not_numbers = {c: str(dtype) for c, dtype in features.dtypes.items() if len(features) and not _real_numbers(dtype)}
@@ -151,7 +157,7 @@ class Predictor(nn.Module):
     def predict_table(self, x: np.ndarray | pd.DataFrame) -> pd.DataFrame:
         """Class index, label and probability per input (classifiers), or the predicted value."""
         # Arrays from images and Parquet can be read-only views; torch wants writable memory (copied only then).
-        batch = torch.from_numpy(np.require(self.as_batch(x), requirements="CW"))
+        batch = torch.from_numpy(np.require(self.as_batch(x), requirements=("C", "W")))
         device = next(self.parameters()).device
         outputs = torch.cat([self(part.to(device)).float().cpu() for part in batch.split(EVAL_BATCH)])
         overflowed = ~torch.isfinite(outputs).flatten(1).all(dim=1)

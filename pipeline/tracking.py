@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -30,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pipeline.config import ConfigError, ExperimentConfig, config_hash, flatten
+from pipeline.redaction import redact, safe_config
 
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
-    from pipeline.data import DatasetSpec
+    from pipeline.data.store import DatasetSpec
 
 __all__ = [
     "EpochLogger",
@@ -53,11 +53,8 @@ __all__ = [
     "log_text",
     "metric_history",
     "open_run",
-    "redact",
-    "redact_tree",
     "resolve_store",
     "run_exists",
-    "safe_config",
     "safe_params",
     "set_tags",
     "ui_command",
@@ -67,9 +64,6 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 HEALTH_TIMEOUT_S = 5.0
 PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
-# Config keys whose values never reach MLflow or the console (tokens in a user model's kwargs, say).
-_SECRET_KEY = re.compile(r"(?i)(password|passwd|token|secret|credential|api_?key|access_?key)")
-REDACTED = "***"
 
 
 @dataclass(frozen=True)
@@ -117,19 +111,23 @@ def _artifact_folder(uri: str) -> str | None:
 
 def ui_command(store: Store, host: str, port: int) -> list[str]:
     """The `mlflow server` command that serves a local store (SQLite and its artifact folder)."""
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store.uri, "--host", host, "--port", str(port), "--workers", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        store.uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if store.artifact_location:
         command += ["--default-artifact-root", store.artifact_location]
     return command
-
-
-def redact(uri: str) -> str:
-    """A URI fit to print: a password or token in its user-info part is replaced."""
-    parts = urlsplit(uri)
-    if parts.password is None and "@" not in parts.netloc:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{REDACTED}@{host}"))
 
 
 def check_store(store: Store) -> None:
@@ -184,26 +182,6 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return found.stdout.strip() or "unknown"
-
-
-def is_secret_key(key: str) -> bool:
-    """Whether a (dotted) key names a secret: password, token, secret, credential, API or access key."""
-    return bool(_SECRET_KEY.search(key))
-
-
-def safe_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The resolved config as plain data, with secret-looking keys and URI credentials replaced."""
-    return redact_tree(cfg.model_dump(mode="json"))
-
-
-def redact_tree(tree: Any) -> Any:
-    """Plain data (a config, a result) fit to show or log: values of secret-looking keys replaced, and
-    credentials in every URI, at any depth."""
-    if isinstance(tree, dict):
-        return {key: REDACTED if is_secret_key(str(key)) and not isinstance(value, dict) else redact_tree(value) for key, value in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return [redact_tree(value) for value in tree]
-    return redact(tree) if isinstance(tree, str) and "://" in tree else tree
 
 
 def safe_params(cfg: ExperimentConfig) -> dict[str, str]:
@@ -378,7 +356,7 @@ class EpochLogger:
             values = [Metric(key, float(value), now, int(m["epoch"])) for m in pending for key, value in m.items()]
             for start in range(0, len(values), LOG_BATCH_LIMIT):  # one call per epoch or so: logged whole
                 self.client.log_batch(self.run_id, metrics=values[start : start + LOG_BATCH_LIMIT])
-        except Exception as err:  # noqa: BLE001 - any failure to reach the server: keep training, retry later
+        except Exception as err:
             self.retry_at = time.monotonic() + self.RETRY_AFTER_S
             if not self.warned:
                 self.warn(f"MLflow at {redact(self.uri)} is not answering ({type(err).__name__}); training goes on, "

@@ -1,15 +1,13 @@
-"""Hyperparameter search with Ray Tune over any config key, each trial trained by train.py's own code.
+"""Hyperparameter search with Ray Tune over any config key, each trial trained by the training's own code.
 
     pipeline tune conf/fashion_mnist_cnn.yaml tune.num_samples=8
     pipeline run conf/fashion_mnist_cnn.yaml          # search, then register (or retrain) the best
 
-The search space is the config's `tune.space`: `key.path: {loguniform|uniform: [low, high]}`,
-`{randint: [low, high]}` (high exclusive), `{choice: [...]}` or `{grid: [...]}`. Each trial is a Tune
-function (`trial_driver`) that applies its values to the config and trains it one of two ways:
-- in_process: `train.run_worker` in the trial's own actor with a `TuneSession` (no worker group: a
-  trial of a small model is not dominated by the ~10 s start of a worker group);
-- workers: `train.build_trainer(...)` with Ray's `TuneReportCallback` (Train V2's Tune pattern), N DDP
-  workers per trial.
+The space (`tune.space`) is parsed by space.py and the search checked by checks.py before Ray starts.
+Each trial (trial.py) applies its values to the config and trains as a run of its own, where the
+search's Execution says: in its own Tune actor (loop.run_worker with a `TuneSession`; no worker group,
+whose ~10 s start would dominate a small model's trial), or on N DDP workers (execution.build_trainer
+with Ray's `TuneReportCallback`, Train V2's Tune pattern).
 ASHA (time attribute: epoch) stops poor trials early. Trials are selected on validation metrics only.
 MLflow gets one parent run per search and one child run per trial; the best trial's best checkpoint is
 tested on the test split and registered once (champion / challenger). A search is a run (runs.py): the
@@ -30,11 +28,16 @@ from typing import Any
 import yaml
 from ray.tune import ProgressReporter
 
-from pipeline.checkpoints import LocalSession, run_checkpoints
-from pipeline.config import ConfigError, ExperimentConfig, with_values
-from pipeline.data import DatasetSpec, has_validation
+from pipeline.checkpoints import run_checkpoints
+from pipeline.checks import check_search, search_metric
+from pipeline.config import ExperimentConfig, with_values
+from pipeline.data.store import DatasetSpec
+from pipeline.execution import Execution, TrainingError, execution_for, training_needs, trials_in_process
+from pipeline.loop import EmitFn
+from pipeline.redaction import safe_config
 from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run, run_folder
-from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
+from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, run_interruptibly
+from pipeline.space import Dimension
 from pipeline.tracking import (
     Store,
     TrackedRun,
@@ -48,225 +51,15 @@ from pipeline.tracking import (
     log_text,
     open_run,
     resolve_store,
-    safe_config,
     set_tags,
 )
-from pipeline.train import (
-    EmitFn,
-    EpochLogger,
-    TrainingError,
-    build_trainer,
-    nothing_new,
-    prepare,
-    ranking,
-    recording,
-    run_training,
-    run_worker,
-    streams,
-    training_needs,
-    uses_gpu,
-    validation_metrics,
-    warner,
-)
+from pipeline.train import nothing_new, recording, run_training
+from pipeline.trial import Emitter, TaggedQueue, trial_config, trial_driver
 
-__all__ = ["SearchResult", "parse_space", "run_pipeline", "run_search", "trial_config"]
+__all__ = ["SearchResult", "Trial", "run_pipeline", "run_search"]
 
 TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes Ray sets aside for a trial's driver process (scheduling only)
-_NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})(_|$)")  # in Tune's trial folder names
-
-
-# ---------------------------------------------------------------------------------------------------
-# The search space
-
-
-@dataclass(frozen=True)
-class Dimension:
-    key: str  # a config key path, e.g. optim.lr
-    kind: str  # loguniform, uniform, randint, choice, grid
-    args: tuple[Any, ...]
-
-    def candidates(self) -> tuple[Any, ...]:
-        """Values to validate the key with: the bounds, or every listed value."""
-        if self.kind == "randint":
-            return (self.args[0], self.args[1] - 1)
-        return self.args
-
-    def to_ray(self) -> Any:
-        from ray import tune
-
-        if self.kind in ("choice", "grid"):
-            values = list(self.args)
-            return tune.grid_search(values) if self.kind == "grid" else tune.choice(values)
-        return {"loguniform": tune.loguniform, "uniform": tune.uniform, "randint": tune.randint}[self.kind](*self.args)
-
-
-def parse_space(cfg: ExperimentConfig) -> list[Dimension]:
-    """`tune.space` checked before any trial: real config keys, sane bounds, values the config accepts."""
-    if not cfg.tune.space:
-        raise ConfigError("tune.space: empty; add e.g. `tune: {space: {optim.lr: {loguniform: [1.0e-4, 1.0e-1]}}}` to the conf")
-    dimensions = []
-    for key, spec in cfg.tune.space.items():
-        kind, args = next(iter(spec.items()))
-        dimension = Dimension(key, kind, _arguments(key, kind, args))
-        for value in dimension.candidates():
-            with_values(cfg, {key: value}, source=f"tune.space.{key}")  # unknown key or bad value: ConfigError
-        if kind in ("uniform", "loguniform"):
-            _check_fractions(cfg, dimension)
-        dimensions.append(dimension)
-    return dimensions
-
-
-def _check_fractions(cfg: ExperimentConfig, dimension: Dimension) -> None:
-    """An integer key accepts the bounds 16.0 and 64.0, then refuses every trial's 37.4: try a fraction inside."""
-    low, high = dimension.args
-    middle = (low + high) / 2
-    # A whole middle ([2, 4]) moves by a quarter of the range, at most 0.5: still inside, no longer whole.
-    inside = middle if middle != int(middle) else middle + min(0.5, (high - low) / 4)
-    try:
-        with_values(cfg, {dimension.key: inside})
-    except ConfigError:
-        whole = f"randint: [{math.ceil(low)}, {math.floor(high) + 1}]"  # randint's high is exclusive
-        where = f"tune.space.{dimension.key}.{dimension.kind}"
-        raise ConfigError(f"{where}: {dimension.key} takes whole numbers; use {whole} or choice: [...]") from None
-
-
-def _arguments(key: str, kind: str, args: Any) -> tuple[Any, ...]:
-    where = f"tune.space.{key}.{kind}"
-    if kind in ("choice", "grid"):
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"{where}: give a non-empty list of values, e.g. [32, 64]")
-        return tuple(_number_if_numeric(value) for value in args)
-    if not isinstance(args, list) or len(args) != 2:
-        raise ConfigError(f"{where}: give [low, high], e.g. [1.0e-4, 1.0e-1]")
-    low, high = (_number(where, value) for value in args)
-    if low >= high:
-        raise ConfigError(f"{where}: low {low} must be below high {high}")
-    if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"{where}: bounds must be > 0 for a log scale (got low={low})")
-    if kind == "randint":
-        if low != int(low) or high != int(high):
-            raise ConfigError(f"{where}: integer bounds, please (got [{low}, {high}])")
-        return int(low), int(high)
-    return low, high
-
-
-def _number_if_numeric(value: Any) -> Any:
-    """YAML reads 1e-4 (no dot) as text; a listed value that is a number in disguise becomes one."""
-    if isinstance(value, str) and _NUMERIC.match(value.strip()):
-        return float(value)
-    return value
-
-
-def _number(where: str, value: Any) -> float:
-    try:
-        return float(value)  # YAML reads 1e-4 (no dot) as text
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {value!r} is not a number") from None
-
-
-def search_metric(cfg: ExperimentConfig) -> tuple[str, str]:
-    """The metric that selects trials, and its order: a validation metric, never the test split's."""
-    metric = cfg.tune.metric or cfg.metric
-    if metric not in validation_metrics(cfg):
-        raise ConfigError(f"tune.metric: trials are selected by validation metrics only; use one of {', '.join(validation_metrics(cfg))}")
-    mode = cfg.tune.mode or (cfg.metric_mode if metric == cfg.metric else ("max" if "accuracy" in metric else "min"))
-    return metric, mode
-
-
-def trial_config(base: ExperimentConfig, params: dict[str, Any], trial_id: str, search_folder: str) -> ExperimentConfig:
-    """The experiment with one trial's values: its own run under the search's folder, the search's MLflow experiment."""
-    trial = with_values(base, params, source=f"trial {trial_id}")
-    return trial.model_copy(
-        update={
-            "name": f"{base.name}-{trial_id}",
-            "storage_path": f"{search_folder}/trials",
-            "tracking": trial.tracking.model_copy(update={"experiment": base.tracking.experiment or base.name}),
-        }
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# One trial (runs in a Tune actor)
-
-
-class TuneSession(LocalSession):
-    """In-process trial: checkpoints written as LocalSession writes them; every epoch reported to Tune."""
-
-    def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        from ray import tune
-
-        super().report(metrics, state)
-        tune.report(metrics)
-
-
-def trial_driver(
-    params: dict[str, Any], *, base: dict, dataset: dict, store: dict, parent_run_id: str, queue: Any, in_process: bool,
-    search_folder: str,
-) -> None:  # fmt: skip
-    """Tune's function trainable: train one point of the space as a run of its own, resuming its checkpoints."""
-    import ray
-    import torch
-    from ray import tune
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = trial_config(ExperimentConfig.model_validate(base), params, trial_id, search_folder)
-    spec = DatasetSpec.from_json(dataset)
-    plan = plan_run(cfg, spec.data_hash, fresh=False)
-    begin_run(plan, cfg)
-    tags = {"trial_id": trial_id, "run_key": plan.key, **{f"hp.{key}": str(value) for key, value in params.items()}}
-    run = open_run(Store(**store), cfg, spec, run_dir=plan.folder, fresh=False, tags=tags, parent_run_id=parent_run_id)
-    queue.put_nowait({"event": "trial_start", "trial": trial_id, "params": params})
-    tagged = _TaggedQueue(queue, trial_id)
-    if in_process:
-        device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        metric, mode = ranking(cfg, spec)
-        session = TuneSession(Path(plan.folder), keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
-        run_worker(cfg, spec, session, tagged.put_nowait, EpochLogger(run, warner(tagged.put_nowait)))
-    else:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        build_trainer(cfg, spec, plan.folder, progress_queue=tagged, callbacks=[TuneReportCallback()], tracking=run).fit()
-
-
-@dataclass
-class _TaggedQueue:
-    """Progress events of one trial, marked with its id, into the search's shared queue (batch ticks dropped)."""
-
-    queue: Any
-    trial: str
-
-    def put_nowait(self, event: dict[str, Any]) -> None:
-        if event["event"] != "batch":
-            self.queue.put_nowait({**event, "trial": self.trial})
-
-
-@dataclass
-class _Emitter:
-    """An event callback with the queue's face, for _TaggedQueue."""
-
-    put_nowait: EmitFn
-
-
-def runs_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
-    """Whether trials train in their own Tune actor (no worker group): the driver decides, once."""
-    if cfg.tune.trial_runner == "in_process" and cfg.scaling.num_workers > 1:
-        raise ConfigError(
-            f"tune.trial_runner: in_process trains each trial in one process; scaling.num_workers={cfg.scaling.num_workers} "
-            f"needs tune.trial_runner=workers (or scaling.num_workers=1)"
-        )
-    streaming = streams(cfg, spec)
-    if cfg.tune.trial_runner == "in_process" and streaming:
-        raise ConfigError("tune.trial_runner: in_process cannot stream data (data.loader); use tune.trial_runner=workers or data.loader=memory")
-    if cfg.tune.trial_runner != "auto":
-        return cfg.tune.trial_runner == "in_process"
-    if cfg.scaling.num_workers > 1 or streaming:  # Ray Data shards are for Ray Train workers
-        return False
-    if not on_cluster():
-        return True  # a local Ray is one node
-    import ray
-
-    return len([node for node in ray.nodes() if node["Alive"]]) == 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -329,17 +122,16 @@ def run_search(
     register: bool = True,
     on_event: EmitFn | None = None,
     verbose: bool = False,
+    retrain: bool = False,
 ) -> SearchResult:
     """Search `tune.space`, track every trial, and register the best checkpoint (unless `register` is off).
+    `retrain`: the best config is trained again afterwards (`run_pipeline`), which needs a test split.
 
     The search is a run (runs.py): the same command resumes an unfinished search (finished trials kept,
     unfinished ones from their checkpoints) or reports a complete one; a changed space or config is a new
     search. Ctrl-C and SIGTERM stop it at once, its MLflow runs KILLED."""
-    spec = prepare(cfg)
-    dimensions = parse_space(cfg)
+    spec, dimensions = check_search(cfg, retrain=retrain)
     metric, mode = search_metric(cfg)
-    if not has_validation(spec, cfg.data):
-        raise ConfigError("data.val_fraction: a search selects its trials on validation rows; set it above 0 (e.g. 0.1)")
     store = resolve_store(cfg.tracking.uri)
     check_store(store)
     plan = plan_run(cfg, spec.data_hash, fresh=fresh, search=True)
@@ -348,9 +140,12 @@ def run_search(
         emit({"event": "info", "message": plan.describe()})
     if plan.state == "finished" and nothing_new(plan, store, cfg, register):
         return SearchResult.recorded(plan.record.result or {}, cfg)
-    in_process = runs_in_process(cfg, spec)
+    in_process = trials_in_process(cfg, spec)
     ensure_ray(verbose, dashboard=not in_process)
-    needs = trial_needs(cfg, spec, in_process)
+    execution = execution_for(cfg, spec, in_process)  # every trial's, decided once for the search
+    if verbose:
+        emit({"event": "info", "message": f"each trial {execution.describe()}"})
+    needs = trial_needs(cfg, execution)
     check_fits(needs, "lower scaling.num_workers or scaling.cpus_per_worker")
     concurrency = max_concurrent_trials(cfg, needs)
     tags = {"kind": "search", "run_key": plan.key, "scheduler": cfg.tune.scheduler, "search": cfg.tune.search,
@@ -359,7 +154,7 @@ def run_search(
         begin_run(plan, cfg)
         parent = open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags)
         with recording(parent):
-            result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, in_process)
+            result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, execution)
             if register:
                 result.registration = _register_best(parent, cfg, spec, result.best, plan.folder)
             finish_run(plan, {**result.summary(), "epochs": cfg.train.epochs})
@@ -368,13 +163,13 @@ def run_search(
 
 def _search(
     cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, store: Store, parent: TrackedRun, dimensions: list[Dimension],
-    objective: tuple[str, str], concurrency: int, emit: EmitFn, verbose: bool, in_process: bool,
+    objective: tuple[str, str], concurrency: int, emit: EmitFn, verbose: bool, execution: Execution,
 ) -> SearchResult:  # fmt: skip
     """Run (or resume) the trials, then read each one's whole history from its checkpoints and report."""
     metric, mode = objective
     with event_pump(emit) as queue:
-        trainable = _trainable(cfg, spec, store, parent, queue, in_process, plan.folder)
-        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, plan.folder, verbose, in_process)
+        trainable = _trainable(cfg, spec, store, parent, queue, execution, plan.folder)
+        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, plan.folder, verbose, execution.in_process)
         try:
             with _tune_console(verbose):
                 grid = run_interruptibly(tuner.fit, ResourceWatch(emit, cfg.scaling.resource_wait_s))
@@ -401,9 +196,7 @@ def run_pipeline(
     tested on the test split, tracked as a child of the search and registered (the search registers
     nothing then). Without retrain_best, the search registers its best trial."""
     retrain = cfg.tune.retrain_best
-    if retrain and "test" not in prepare(cfg).rows:
-        raise ConfigError(f"tune.retrain_best: {cfg.data.name} has no test split to evaluate the retrained model on; set it to false")
-    search = run_search(cfg, fresh=fresh, register=register and not retrain, on_event=on_event, verbose=verbose)
+    search = run_search(cfg, fresh=fresh, register=register and not retrain, on_event=on_event, verbose=verbose, retrain=retrain)
     if not retrain:
         return {"search": search.summary()}
     best = search.best_config
@@ -413,19 +206,18 @@ def run_pipeline(
         "data": best.data.model_copy(update={"val_fraction": 0.0}),
         "tracking": best.tracking.model_copy(update={"experiment": cfg.tracking.experiment or cfg.name}),
     })  # fmt: skip
-    shown = _TaggedQueue(_Emitter(on_event), "retrained") if on_event else None  # a row of the trial table
-    retrained = run_training(final, fresh=fresh, register=register, verbose=verbose, on_event=shown and shown.put_nowait,
+    shown = TaggedQueue(Emitter(on_event), "retrained") if on_event else None  # a row of the trial table
+    retrained = run_training(final, fresh=fresh, register=register, verbose=verbose, on_event=shown.put_nowait if shown else None,
                              parent_run_id=search.mlflow_run_id)  # fmt: skip
     return {"search": search.summary(), "retrained": retrained.summary()}
 
 
-def trial_needs(cfg: ExperimentConfig, spec: DatasetSpec, in_process: bool) -> Needs:
+def trial_needs(cfg: ExperimentConfig, execution: Execution) -> Needs:
     """What one trial takes: its actor's CPUs (and GPU) in process; else its workers' (the trial's own driver
     only waits on them and takes no CPU), and a CPU for Ray Data's readers when the data streams."""
-    gpu = uses_gpu(cfg, in_process)
-    if in_process:
-        return Needs(cfg.scaling.cpus_per_worker, 1 if gpu else 0, f"1 trial actor x {cfg.scaling.cpus_per_worker} CPU")
-    return training_needs(cfg, spec)
+    if execution.in_process:
+        return Needs(cfg.scaling.cpus_per_worker, 1 if execution.use_gpu else 0, f"1 trial actor x {cfg.scaling.cpus_per_worker} CPU")
+    return training_needs(cfg, execution)
 
 
 def max_concurrent_trials(cfg: ExperimentConfig, needs: Needs) -> int:
@@ -440,19 +232,21 @@ def max_concurrent_trials(cfg: ExperimentConfig, needs: Needs) -> int:
 
 
 def _trainable(
-    cfg: ExperimentConfig, spec: DatasetSpec, store: Store, parent: TrackedRun, queue: Any, in_process: bool, search_folder: str
+    cfg: ExperimentConfig, spec: DatasetSpec, store: Store, parent: TrackedRun, queue: Any, execution: Execution, search_folder: str
 ) -> Any:
     from ray import tune
 
-    needs = trial_needs(cfg, spec, in_process)
+    needs = trial_needs(cfg, execution)
     # In process, the trial's actor trains and reserves what training needs. Otherwise it only waits on its
     # worker group: it reserves memory for its process and no CPU (a whole CPU per trial driver kept
     # 2-worker trials off 2 cores; Tune refuses a trial that reserves nothing at all).
-    resources = {"CPU": needs.cpus, "GPU": needs.gpus} if in_process else {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    resources: dict[str, float] = (
+        {"CPU": needs.cpus, "GPU": needs.gpus} if execution.in_process else {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
+    )
     base = cfg.model_dump(mode="json")
     store_json = {"uri": store.uri, "source": store.source, "artifact_location": store.artifact_location}
     with_params = tune.with_parameters(trial_driver, base=base, dataset=spec.to_json(), store=store_json, parent_run_id=parent.run_id,
-                                       queue=queue, in_process=in_process, search_folder=search_folder)  # fmt: skip
+                                       queue=queue, execution=execution, search_folder=search_folder)  # fmt: skip
     return tune.with_resources(with_params, resources)
 
 
@@ -490,7 +284,7 @@ def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], m
             max_concurrent_trials=concurrency,
             reuse_actors=in_process,  # an in-process trial's actor has torch and the data loaded already
             scheduler=_scheduler(cfg),
-            search_alg=_search_algorithm(cfg, dimensions, metric, mode),
+            search_alg=_search_algorithm(cfg, metric, mode),
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -523,17 +317,12 @@ def _scheduler(cfg: ExperimentConfig) -> Any:
                          reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)  # fmt: skip
 
 
-def _search_algorithm(cfg: ExperimentConfig, dimensions: list[Dimension], metric: str, mode: str) -> Any:
+def _search_algorithm(cfg: ExperimentConfig, metric: str, mode: str) -> Any:
     if cfg.tune.search == "random":
         return None  # Tune's default: random sampling, and every grid point
-    if any(d.kind == "grid" for d in dimensions):
-        raise ConfigError("tune.search: optuna cannot search a grid; use choice, or tune.search=random")
-    try:
-        from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.search.optuna import OptunaSearch  # checks.check_search made sure optuna is installed
 
-        return OptunaSearch(metric=metric, mode=mode)
-    except (ImportError, AssertionError):
-        raise ConfigError("tune.search: optuna is not installed; `pip install -e '.[optuna]'`") from None
+    return OptunaSearch(metric=metric, mode=mode)
 
 
 def _trial(result: Any, base: ExperimentConfig, spec: DatasetSpec, search_folder: str, metric: str, mode: str) -> Trial:
@@ -568,7 +357,14 @@ def _best(trials: list[Trial], mode: str) -> Trial:
     if not scored:
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported a checkpoint"
         raise TrainingError(f"every trial failed: {errors}; fix the cause and run the command again with --fresh")
-    return (max if mode == "max" else min)(scored, key=lambda t: t.best)
+    return (max if mode == "max" else min)(scored, key=_score)
+
+
+def _score(trial: Trial) -> float:
+    """A scored trial's best value of the search metric (the best trial, and those that `scored` lists, have one)."""
+    if trial.best is None:
+        raise TrainingError(f"trial {trial.trial_id} reported no value of the search metric")
+    return trial.best
 
 
 def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResult, dimensions: list[Dimension]) -> None:
@@ -584,18 +380,26 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
             child = TrackedRun(parent.uri, children[trial.trial_id], parent.experiment_id)
             set_tags(child, {"outcome": trial.status})
             end_run(child, statuses[trial.status])
-    table = pd.DataFrame(
-        [{"trial_id": t.trial_id, "status": t.status, "epochs": t.epochs, f"best_{result.metric}": t.best,
-          **t.params, "error": t.error or ""} for t in result.trials]  # fmt: skip
-    )
+    rows = [
+        {
+            "trial_id": t.trial_id,
+            "status": t.status,
+            "epochs": t.epochs,
+            f"best_{result.metric}": t.best,
+            **t.params,
+            "error": t.error or "",
+        }
+        for t in result.trials
+    ]
+    table = pd.DataFrame(rows)
     log_csv(parent, table, "trials.csv")
     log_text(parent, yaml.safe_dump(safe_config(result.best_config), sort_keys=False), "best_config.yaml")
-    log_metrics(parent, {f"best_{result.metric}": result.best.best})
+    log_metrics(parent, {f"best_{result.metric}": _score(result.best)})
     set_tags(parent, {"best_trial_id": result.best.trial_id, **{f"best.{k}": str(v) for k, v in result.best.params.items()}})
     scored = [t for t in result.trials if t.best is not None]
     for dimension in dimensions:
         figure = plots.metric_against(
-            [t.params[dimension.key] for t in scored], [t.best for t in scored], dimension.key, result.metric,
+            [t.params[dimension.key] for t in scored], [_score(t) for t in scored], dimension.key, result.metric,
             log_x=dimension.kind == "loguniform",
         )  # fmt: skip
         log_figure(parent, figure, f"plots/search_{dimension.key}.png")

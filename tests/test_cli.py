@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, tiny
-
-
-def pipeline(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+from tests.helpers import REPO, free_port, last_json, run_cli, tiny
 
 
 @pytest.mark.parametrize(
@@ -33,7 +27,7 @@ def pipeline(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_exits_2_naming_the_key_without_a_traceback(overrides: list[str], expected: str, tmp_path: Path) -> None:
-    result = pipeline("train", "conf/mnist_mlp.yaml", *overrides, f"storage_path={tmp_path}")
+    result = run_cli("train", "conf/mnist_mlp.yaml", *overrides, f"storage_path={tmp_path}")
     assert result.returncode == 2, result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
@@ -43,34 +37,34 @@ def test_bad_input_exits_2_naming_the_key_without_a_traceback(overrides: list[st
 @pytest.mark.parametrize("key", ["storage_path", "data.root"])
 def test_a_folder_that_cannot_be_written_exits_2_naming_the_key(key: str, tmp_path: Path) -> None:
     folders = {"storage_path": str(tmp_path / "runs"), "data.root": str(tmp_path / "data"), key: "/proc/not_here"}
-    result = pipeline("train", "conf/linear_regression.yaml", *(f"{k}={v}" for k, v in folders.items()))
+    result = run_cli("train", "conf/linear_regression.yaml", *(f"{k}={v}" for k, v in folders.items()))
     assert result.returncode == 2 and f"{key}: cannot write to /proc/not_here" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_malformed_yaml_and_a_missing_conf_exit_2(tmp_path: Path) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("name: x\ndata: {name: mnist\n")
-    result = pipeline("train", str(broken))
+    result = run_cli("train", str(broken))
     assert result.returncode == 2 and "is not valid YAML" in result.stderr and str(broken) in result.stderr
-    result = pipeline("train", "conf/no_such_experiment.yaml")
+    result = run_cli("train", "conf/no_such_experiment.yaml")
     assert result.returncode == 2 and "no such config file" in result.stderr
 
 
 def test_missing_data_offline_names_the_file_and_where_it_goes(tmp_path: Path) -> None:
-    result = pipeline("train", "conf/mnist_mlp.yaml", f"data.root={tmp_path}", "data.download=false", f"storage_path={tmp_path}")
+    result = run_cli("train", "conf/mnist_mlp.yaml", f"data.root={tmp_path}", "data.download=false", f"storage_path={tmp_path}")
     assert result.returncode == 2
     assert "train-images-idx3-ubyte" in result.stderr and str(tmp_path / "MNIST" / "raw") in result.stderr
     assert "data.download" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_a_model_that_does_not_fit_the_data_is_refused_before_training(tmp_path: Path) -> None:
-    result = pipeline("train", "conf/linear_regression.yaml", "loss=cross_entropy", f"data.root={tmp_path}",
-                      f"storage_path={tmp_path}")
+    result = run_cli("train", "conf/linear_regression.yaml", "loss=cross_entropy", f"data.root={tmp_path}",
+                     f"storage_path={tmp_path}")
     assert result.returncode == 2 and "loss: cross_entropy does not fit linear, a regression dataset" in result.stderr
 
 
 def test_an_image_model_on_a_table_is_refused_naming_model_name_and_the_shape(tmp_path: Path) -> None:
-    result = pipeline("train", "conf/circles_classifier.yaml", "model.name=lenet", f"data.root={tmp_path}", f"storage_path={tmp_path}")
+    result = run_cli("train", "conf/circles_classifier.yaml", "model.name=lenet", f"data.root={tmp_path}", f"storage_path={tmp_path}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model.name: lenet takes images of shape (channels, height, width); this data set's samples have shape (2,)" in result.stderr
 
@@ -82,15 +76,15 @@ def test_options_and_overrides_come_in_any_order() -> None:
                  ["train", "c.yaml", "a=1", "--fresh", "b=2"], ["train", "c.yaml", "a=1", "b=2", "--fresh"]):  # fmt: skip
         args = parse_arguments(argv)
         assert (args.conf, args.overrides, args.fresh) == ("c.yaml", ["a=1", "b=2"], True), argv
-    result = pipeline("train", "conf/linear_regression.yaml", "--no-such-option")
+    result = run_cli("train", "conf/linear_regression.yaml", "--no-such-option")
     assert result.returncode == 2 and "unrecognized arguments: --no-such-option" in result.stderr
 
 
 def test_json_output_is_the_last_line_of_stdout(data_root: Path, tmp_path: Path) -> None:
-    result = pipeline("train", "conf/circles_classifier.yaml", *tiny(data_root, tmp_path, "scaling.num_workers=0"),
-                      "--output", "json")
+    result = run_cli("train", "conf/circles_classifier.yaml", *tiny(data_root, tmp_path, "scaling.num_workers=0"),
+                     "--output", "json")
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = last_json(result.stdout)
     assert summary["run_name"] == "circles_classifier"
     assert set(summary["metrics"]) >= {"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec"}
     assert Path(summary["checkpoint"], "state.pt").is_file()
@@ -98,8 +92,8 @@ def test_json_output_is_the_last_line_of_stdout(data_root: Path, tmp_path: Path)
 
 
 def test_the_console_script_is_installed() -> None:
-    result = subprocess.run([str(Path(sys.executable).parent / "pipeline"), "--help"], capture_output=True, text=True)
-    assert result.returncode == 0 and "train" in result.stdout
+    result = run_cli("--help", console_script=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: pipeline [-h] {train,tune,run,predict,ui,submit,jobs}")
 
 
 def test_the_console_script_builds_a_user_model_from_the_current_directory(tmp_path: Path) -> None:
@@ -110,24 +104,25 @@ def test_the_console_script_builds_a_user_model_from_the_current_directory(tmp_p
         "    def __init__(self, hidden: int):\n"
         "        super().__init__(nn.Linear(2, hidden), nn.ReLU(), nn.Linear(hidden, 1))\n"
     )
-    result = subprocess.run([str(Path(sys.executable).parent / "pipeline"), "train", str(REPO / "conf/circles_classifier.yaml"),
-                             "model.name=my_nets:TinyNet", "model.kwargs={hidden: 8}", "train.epochs=1", f"storage_path={tmp_path}",
-                             f"data.root={tmp_path}", "--output", "json"], cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = run_cli("train", str(REPO / "conf/circles_classifier.yaml"), "model.name=my_nets:TinyNet", "model.kwargs={hidden: 8}",
+                     "train.epochs=1", f"storage_path={tmp_path}", f"data.root={tmp_path}", "--output", "json", cwd=tmp_path,
+                     console_script=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["metrics"]["epoch"] == 1
+    assert last_json(result.stdout)["metrics"]["epoch"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.workers
 def test_a_run_on_ray_shows_only_the_pipeline_s_own_lines(data_root: Path, tmp_path: Path) -> None:
-    result = pipeline("train", "conf/linear_regression.yaml", *tiny(data_root, tmp_path, "scaling.runner=ray"))
+    result = run_cli("train", "conf/linear_regression.yaml", *tiny(data_root, tmp_path, "scaling.runner=ray"))
     assert result.returncode == 0, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines and all(line.startswith(("epoch ", "warning: ")) for line in lines), lines
 
 
-@pytest.mark.slow
 def test_a_failing_worker_exits_1_with_the_worker_s_error(tmp_path: Path) -> None:
-    # Builds and answers the driver's shape check (eval mode), then fails in the workers' training.
+    # Builds and answers the driver's shape check (eval mode), then fails in training: in this process
+    # (one worker, runner auto), named as Ray names a worker's error.
     (tmp_path / "fragile.py").write_text(
         "from torch import nn\n"
         "class Fragile(nn.Linear):\n"
@@ -138,25 +133,25 @@ def test_a_failing_worker_exits_1_with_the_worker_s_error(tmp_path: Path) -> Non
         "            raise RuntimeError('fragile breaks in training')\n"
         "        return super().forward(x)\n"
     )
-    result = pipeline("train", str(REPO / "conf/circles_classifier.yaml"), "model.name=fragile:Fragile",
-                      f"storage_path={tmp_path}", f"data.root={tmp_path}", cwd=tmp_path)
+    result = run_cli("train", str(REPO / "conf/circles_classifier.yaml"), "model.name=fragile:Fragile",
+                     f"storage_path={tmp_path}", f"data.root={tmp_path}", cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     assert "error: training failed: worker 0: RuntimeError: fragile breaks in training" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_a_user_model_that_cannot_be_imported_exits_2(tmp_path: Path) -> None:
-    result = pipeline("train", "conf/circles_classifier.yaml", "model.name=no_such_package.nets:Net",
-                      f"data.root={tmp_path}", f"storage_path={tmp_path}")
+    result = run_cli("train", "conf/circles_classifier.yaml", "model.name=no_such_package.nets:Net",
+                     f"data.root={tmp_path}", f"storage_path={tmp_path}")
     assert result.returncode == 2
     assert "model.name: cannot import 'no_such_package.nets'" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_dry_run_trains_four_batches_as_a_separate_run(data_root: Path, tmp_path: Path) -> None:
-    result = pipeline("train", "conf/mnist_lenet.yaml", f"data.root={data_root}", "data.download=false",
-                      f"storage_path={tmp_path}", "scaling.num_workers=0", "data.batch_size=8", "--dry-run", "--output", "json")
+    result = run_cli("train", "conf/mnist_lenet.yaml", f"data.root={data_root}", "data.download=false",
+                     f"storage_path={tmp_path}", "scaling.num_workers=0", "data.batch_size=8", "--dry-run", "--output", "json")
     assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    summary = last_json(result.stdout)
     assert summary["run_name"] == "mnist_lenet-dry-run" and [m["epoch"] for m in summary["history"]] == [1]
     assert (tmp_path / "mnist_lenet-dry-run").is_dir() and not (tmp_path / "mnist_lenet").exists()
 
@@ -176,7 +171,7 @@ def test_the_ui_on_a_taken_port_exits_2_naming_it() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = pipeline("ui", "--port", str(port))
+        result = run_cli("ui", "--port", str(port))
     assert result.returncode == 2 and f"--port {port}: 127.0.0.1:{port} is in use by another program" in result.stderr
 
 
@@ -184,11 +179,8 @@ def test_predict_against_a_server_that_does_not_answer_exits_2_in_seconds(tmp_pa
     import os
     import time
 
-    from tests.conftest import free_port
-
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "pipeline", "predict", "mnist_mlp@champion", str(tmp_path / "x.png")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": url})  # fmt: skip
+    result = run_cli("predict", "mnist_mlp@champion", str(tmp_path / "x.png"), env={**os.environ, "MLFLOW_TRACKING_URI": url}, timeout=120)
     assert result.returncode == 2 and f"cannot reach the MLflow server at MLFLOW_TRACKING_URI={url}" in result.stderr
     assert time.monotonic() - started < 30

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cluster import load_job
-from tests.conftest import REPO, free_port, mlflow_client, run_dir
+from tests.helpers import REPO, free_port, metric_steps, mlflow_client, run_cli, run_dir
 
 JOBS_DIR = REPO / "jobs"
 NODE_CPUS = 2
@@ -132,10 +132,6 @@ def cluster() -> Iterator[Cluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _pipeline(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def _job_env(cluster: Cluster, mlflow_url: str, **extra: str) -> dict[str, str]:
     env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token, "MLFLOW_TRACKING_URI": mlflow_url,
            "PIPELINE_STORAGE": str(cluster.shared / "runs"), "PIPELINE_DATA": str(cluster.shared / "data"), **extra}  # fmt: skip
@@ -144,12 +140,15 @@ def _job_env(cluster: Cluster, mlflow_url: str, **extra: str) -> dict[str, str]:
 
 
 def _last_json(text: str) -> dict:
+    """The job's own `--output json` line, among the job's log lines that `--follow` streams to stdout."""
     return json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.workers
+@pytest.mark.mlflow_server
 def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlflow_server: str) -> None:
-    submitted = _pipeline(
+    submitted = run_cli(
         "submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_smoke",
         "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or the job waits
         "--address", cluster.address, "--follow", env=_job_env(cluster, mlflow_server),
@@ -166,7 +165,7 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
     assert champion.version == summary["registration"]["version"]
     assert champion.run_id == summary["mlflow_run_id"]
     # Rank 0 logged every epoch from wherever it ran, through the runtime env's MLFLOW_TRACKING_URI.
-    assert sorted(m.step for m in client.get_metric_history(summary["mlflow_run_id"], "val_mse")) == [1, 2]
+    assert metric_steps(client, summary["mlflow_run_id"], "val_mse") == [1, 2]
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
     # Checkpoints are on the shared storage, where the job's overrides put them.
@@ -183,47 +182,51 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
     assert len(nodes) == 2 and len(set(nodes)) == 2
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.workers  # the job it stops is the smoke job's 2-worker training
+@pytest.mark.mlflow_server
 def test_jobs_status_logs_and_stop(cluster: Cluster, mlflow_server: str) -> None:
     env = _job_env(cluster, mlflow_server)
     address = ["--address", cluster.address]
-    submitted = _pipeline("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_stop",
-                          "train.epochs=100000", *address, env=env)  # fmt: skip
+    submitted = run_cli("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_stop",
+                        "train.epochs=100000", *address, env=env)  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = submitted.stdout.strip()
-    status = _pipeline("jobs", "status", job_id, *address, env=env)
+    status = run_cli("jobs", "status", job_id, *address, env=env)
     assert status.returncode == 0 and status.stdout.split(":")[0].strip() in ("PENDING", "RUNNING"), status.stdout
 
-    stopped = _pipeline("jobs", "stop", job_id, *address, env=env)
+    stopped = run_cli("jobs", "stop", job_id, *address, env=env)
     assert stopped.returncode == 0 and "stopping" in stopped.stdout
     # --follow ends with the job, and says it did not succeed.
-    followed = _pipeline("jobs", "logs", job_id, "--follow", *address, env=env)
+    followed = run_cli("jobs", "logs", job_id, "--follow", *address, env=env)
     assert followed.returncode == 1
     assert f"job {job_id}: STOPPED" in followed.stderr
-    logs = _pipeline("jobs", "logs", job_id, *address, env=env)
+    logs = run_cli("jobs", "logs", job_id, *address, env=env)
     assert "Running entrypoint" in logs.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
+@pytest.mark.mlflow_server
 def test_a_job_that_fails_on_the_cluster_exits_1(cluster: Cluster, mlflow_server: str) -> None:
     # Valid here, wrong there: the data root is not writable on the cluster.
     env = _job_env(cluster, mlflow_server, PIPELINE_DATA="/proc/no-such-folder")
-    followed = _pipeline("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_fail",
-                         "--address", cluster.address, "--follow", env=env)  # fmt: skip
+    followed = run_cli("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_fail",
+                       "--address", cluster.address, "--follow", env=env)  # fmt: skip
     assert followed.returncode == 1
     assert ": FAILED" in followed.stderr
 
 
+@pytest.mark.cluster
 def test_a_missing_or_wrong_token_is_refused_with_the_fix(cluster: Cluster, tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path)}  # no ~/.ray/auth_token either
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         env.pop(name, None)
-    missing = _pipeline("jobs", "status", "any", "--address", cluster.address, env=env)
+    missing = run_cli("jobs", "status", "any", "--address", cluster.address, env=env)
     assert missing.returncode == 2
     assert "token authentication" in missing.stderr and "needs a token" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
-    wrong = _pipeline("jobs", "status", "any", "--address", cluster.address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
+    wrong = run_cli("jobs", "status", "any", "--address", cluster.address, env={**env, "RAY_AUTH_TOKEN": "0" * 32})
     assert wrong.returncode == 2 and "refused the token" in wrong.stderr
-    unknown = _pipeline("jobs", "status", "no-such-job", "--address", cluster.address, env={**env, "RAY_AUTH_TOKEN": cluster.token})
+    unknown = run_cli("jobs", "status", "no-such-job", "--address", cluster.address, env={**env, "RAY_AUTH_TOKEN": cluster.token})
     assert unknown.returncode == 2 and "no such job" in unknown.stderr
 
 
@@ -238,10 +241,10 @@ def test_an_unreachable_address_fails_in_seconds() -> None:
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         for address in (f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{silent.getsockname()[1]}"):
-            result = _pipeline("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "--address", address, env=env, timeout=60)
+            result = run_cli("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "--address", address, env=env, timeout=60)
             assert result.returncode == 2, result.stderr
             assert f"--address {address}: no Ray dashboard answered" in result.stderr
-    no_address = _pipeline("jobs", "status", "x", env={k: v for k, v in env.items() if k != "RAY_API_SERVER_ADDRESS"})
+    no_address = run_cli("jobs", "status", "x", env={k: v for k, v in env.items() if k != "RAY_API_SERVER_ADDRESS"})
     assert no_address.returncode == 2 and "--address http://HOST:8265" in no_address.stderr
 
 
@@ -276,8 +279,8 @@ def test_a_bad_job_spec_is_refused_before_submission(tmp_path: Path, edit: dict,
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(spec))
     # An address nobody answers at: the spec must be refused before the address is even tried.
-    result = _pipeline("submit", str(path), "--address", f"http://127.0.0.1:{free_port()}",
-                       env={k: v for k, v in os.environ.items() if k != "NO_SUCH_VARIABLE_SET"})  # fmt: skip
+    result = run_cli("submit", str(path), "--address", f"http://127.0.0.1:{free_port()}",
+                     env={k: v for k, v in os.environ.items() if k != "NO_SUCH_VARIABLE_SET"})  # fmt: skip
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert "no Ray dashboard answered" not in result.stderr
@@ -294,13 +297,13 @@ def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
     assert "tok4" not in nested and "api_token: " in nested and "***" in nested and "hidden: 8" in nested
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_a_run_waiting_for_resources_says_what_it_waits_for_and_gives_up_after_resource_wait_s(cluster: Cluster, tmp_path: Path) -> None:
     # 6 workers of 1 CPU on a cluster of 2 x 2 CPUs: an autoscaling cluster would add a node; this one never will.
     env = {**os.environ, "RAY_ADDRESS": cluster.gcs, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}
     started = time.monotonic()
-    done = _pipeline("train", "conf/linear_regression.yaml", "name=too_big", f"storage_path={cluster.shared / 'runs'}",
-                     f"data.root={tmp_path}", "scaling.num_workers=6", "scaling.resource_wait_s=12", env=env, timeout=240)  # fmt: skip
+    done = run_cli("train", "conf/linear_regression.yaml", "name=too_big", f"storage_path={cluster.shared / 'runs'}",
+                   f"data.root={tmp_path}", "scaling.num_workers=6", "scaling.resource_wait_s=12", env=env, timeout=240)  # fmt: skip
     assert done.returncode == 1, done.stderr[-3000:]
     assert "s for resources: the run asks for 6 CPU; the cluster has" in done.stderr and "of 4 CPU free" in done.stderr
     assert "error: training failed: " in done.stderr and "gave up after scaling.resource_wait_s=12" in done.stderr

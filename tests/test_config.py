@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import data, models, train
+from pipeline import loop, models
 from pipeline.config import (
     DATASET_NAMES,
     LOSS_NAMES,
@@ -16,15 +16,16 @@ from pipeline.config import (
     config_hash,
     load_config,
 )
-from tests.conftest import CONF_DIR
+from pipeline.data import sources
+from tests.helpers import CONF_DIR
 
 CONFS = sorted(CONF_DIR.glob("*.yaml"))
 
 
 def test_the_catalogs_and_the_config_name_the_same_things() -> None:
     assert set(models.MODELS) == set(MODEL_NAMES)
-    assert set(train.LOSSES) == set(LOSS_NAMES)
-    assert set(data._MNIST_LIKE) | {"linear", "circles", "tabular", "cifar10", "image_folder"} == set(DATASET_NAMES)
+    assert set(loop.LOSSES) == set(LOSS_NAMES)
+    assert set(sources.SOURCES) == set(DATASET_NAMES)
 
 
 @pytest.mark.parametrize("conf", CONFS, ids=lambda p: p.stem)

@@ -1,6 +1,6 @@
 """The dataset catalog: real files in, Parquet out, the same pixels back; clear errors; batches by index.
 
-Every test writes small files in the datasets' real formats (tests/formats.py) into its own folder, so
+Every test writes small files in the datasets' real formats (pipeline/standin.py) into its own folder, so
 the exact arrays are known and nothing is shared. The download tests serve those files from a real
 HTTP server on 127.0.0.1 and point torchvision's URLs at it; torchvision's md5 checks stay on.
 """
@@ -23,18 +23,10 @@ import torch
 import torchvision
 
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.data import (
-    LINEAR_TRUE_B,
-    LINEAR_TRUE_W,
-    DataError,
-    augment,
-    batch_indices,
-    load_splits,
-    materialize,
-    shard_indices,
-    val_rows,
-)
-from tests.formats import CIFAR_CLASSES, patterned_images, write_cifar10, write_idx, write_image_folder
+from pipeline.data.sources import LINEAR_TRUE_B, LINEAR_TRUE_W
+from pipeline.data.store import DataError, batch_indices, load_splits, materialize, shard_indices, val_rows
+from pipeline.data.transforms import augment
+from pipeline.standin import CIFAR_CLASSES, patterned_images, write_cifar10, write_idx, write_image_folder
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 MNIST_STEMS = {

@@ -4,15 +4,16 @@ ConfigError that names the problem; never a traceback from deeper down (KeyError
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import ConfigError, ExperimentConfig, flatten, load_config
 from pipeline.cluster import JobError, load_job
-from tests.conftest import CONF_DIR
+from pipeline.config import ConfigError, ExperimentConfig, flatten, load_config
+from tests.helpers import CONF_DIR
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KEYS = sorted(flatten(ExperimentConfig().model_dump(mode="json")))  # every key path of a config
@@ -23,7 +24,7 @@ values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.di
 key_paths = st.sampled_from(KEYS) | st.sampled_from(KEYS).map(lambda k: k + ".x") | st.text(alphabet="ab._=", max_size=8)
 
 
-def _load(text: str, overrides: list[str] = ()) -> None:
+def _load(text: str, overrides: Sequence[str] = ()) -> None:
     """Load `text` as a conf file: a config, or a ConfigError with a message; anything else fails the test."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "conf.yaml"

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
 # The Secrets the README tells the user to create, and the one KubeRay generates for token auth

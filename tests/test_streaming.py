@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data import decoded_mb, load_split_rows, materialize, streaming_datasets
-from pipeline.train import prepare, run_training, runs_in_process, streams
-from tests.conftest import CONF_DIR, tiny
+from pipeline.data.store import decoded_mb, load_split_rows, materialize, streaming_datasets
+from pipeline.checks import check_training
+from pipeline.train import run_training
+from pipeline.execution import runs_in_process, streams
+from tests.helpers import CONF_DIR, tiny
 
 
 def _rows(dataset) -> set[bytes]:
@@ -18,6 +20,7 @@ def _rows(dataset) -> set[bytes]:
     return {np.asarray(x).tobytes() for batch in dataset.iter_batches(batch_format="numpy") for x in batch["x"]}
 
 
+@pytest.mark.ray  # Ray Data, in this process
 def test_streamed_splits_hold_the_same_rows_as_the_in_memory_ones(ray_local, data_root: Path) -> None:
     cfg = load_config(CONF_DIR / "mnist_mlp.yaml", [f"data.root={data_root}", "data.download=false", "data.val_fraction=0.2"])
     spec = materialize(cfg.data, cfg.seed)
@@ -33,16 +36,17 @@ def test_streamed_splits_hold_the_same_rows_as_the_in_memory_ones(ray_local, dat
 def test_auto_streams_above_the_threshold_and_then_trains_on_ray_workers(data_root: Path, tmp_path: Path) -> None:
     overrides = tiny(data_root, tmp_path, "scaling.num_workers=1")
     small = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
-    spec = prepare(small)
+    spec = check_training(small)
     assert not streams(small, spec) and runs_in_process(small, spec)  # a few KB: the fast path, here
     big = load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, f"data.stream_above_mb={decoded_mb(spec) / 2}"])
     assert streams(big, spec) and not runs_in_process(big, spec)
     # Asked to train here anyway: refused, naming the key and the ways out.
     with pytest.raises(ConfigError, match=r"data.loader: the data streams through Ray Data .* scaling.runner=ray"):
-        prepare(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "data.loader=stream", "scaling.runner=in_process"]))
+        check_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "data.loader=stream", "scaling.runner=in_process"]))
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.workers
 def test_two_workers_train_on_streamed_shards(ray_local, tmp_path: Path) -> None:
     overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.loader=stream", "scaling.num_workers=2", "train.epochs=3"]
     result = run_training(load_config(CONF_DIR / "circles_classifier.yaml", overrides), track=False)
@@ -51,6 +55,7 @@ def test_two_workers_train_on_streamed_shards(ray_local, tmp_path: Path) -> None
     assert result.metrics["val_accuracy"] > 0.8  # the circles are learnable: the batches are real data
 
 
+@pytest.mark.ray
 def test_streaming_without_a_cpu_for_ray_data_is_refused_before_any_run(ray_local, tmp_path: Path, tracking_store: str) -> None:
     # ray_local has 4 CPUs: 4 workers leave none for Ray Data's read tasks, and the run would wait forever.
     from mlflow import MlflowClient

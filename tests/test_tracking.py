@@ -17,9 +17,10 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.data import load_splits
-from pipeline.train import load_checkpoint, run_training
-from tests.conftest import CONF_DIR, REPO, free_port, tiny
+from pipeline.data.store import load_splits
+from pipeline.loop import load_checkpoint
+from pipeline.train import run_training
+from tests.helpers import CONF_DIR, REPO, free_port, last_json, metric_steps, run_cli, runs_of, tiny
 
 PNG_CLASSES = 3  # test images per predict call
 
@@ -29,20 +30,9 @@ def _server_env(monkeypatch: pytest.MonkeyPatch, url: str) -> MlflowClient:
     return MlflowClient(url, url)
 
 
-def _runs(client: MlflowClient, experiment: str) -> list:
-    found = client.get_experiment_by_name(experiment)
-    return client.search_runs([found.experiment_id]) if found else []
-
-
-def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
-    return sorted(int(m.step) for m in client.get_metric_history(run_id, key))
-
-
-def _cli(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
-
-
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.workers
+@pytest.mark.mlflow_server
 def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     mlflow_server: str, ray_local, data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,14 +41,14 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     first = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=2"]))
     again = run_training(load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, "train.epochs=3"]))  # continues
 
-    (run,) = _runs(client, "tracked_mlp")
+    (run,) = runs_of(client, "tracked_mlp")
     assert first.mlflow_run_id == again.mlflow_run_id == run.info.run_id
     assert run.info.status == "FINISHED"
     for key in ("epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_sec"):
-        assert _steps(client, run.info.run_id, key) == [1, 2, 3], key
+        assert metric_steps(client, run.info.run_id, key) == [1, 2, 3], key
     # The test split, measured on each invocation's model (its best epoch by validation), once per model.
     models = sorted({first.checkpoint_metrics["epoch"], again.checkpoint_metrics["epoch"]})
-    assert _steps(client, run.info.run_id, "test_accuracy") == models
+    assert metric_steps(client, run.info.run_id, "test_accuracy") == models
     params = run.data.params
     assert params["optim.lr"] == "0.001" and params["model.hidden"] == "[32]" and params["data.name"] == "mnist"
     assert params["train.epochs"] == "2" and "train.epochs: 2 -> 3" in run.data.tags["changed_on_resume"]
@@ -67,7 +57,8 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     assert len(tags["config_hash"]) == 12 and tags["run_dir"] == f"{tmp_path}/tracked_mlp/{first.run_key}"
     assert tags["run_key"] == first.run_key == again.run_key
     assert tags["data_hash"] == json.loads((data_root / "parquet" / "mnist" / "manifest.json").read_text())["data_hash"]
-    assert tags["git_commit"] != ""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    assert tags["git_commit"].removesuffix("-dirty").endswith(head)  # `git describe`: the commit, after a tag if any
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "plots")
     }
@@ -84,6 +75,7 @@ def _linear(tmp_path: Path, name: str, *extra: str) -> list[str]:
             "data.num_samples=400", "tracking.register_as=linear_champion", *extra]  # fmt: skip
 
 
+@pytest.mark.mlflow_server
 def test_a_worse_model_stays_challenger_and_a_better_one_takes_champion(
     mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,16 +98,17 @@ def test_a_worse_model_stays_challenger_and_a_better_one_takes_champion(
     assert float(tags["champion_metric_value"]) == good.registration["value"]
 
 
+@pytest.mark.mlflow_server
 def test_no_register_and_dry_run_track_but_register_nothing(
     mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = _server_env(monkeypatch, mlflow_server)
     args = _linear(tmp_path, "lin_unregistered", "train.epochs=1", "tracking.register_as=never_registered")
     for flag in ("--no-register", "--dry-run"):
-        done = _cli("train", "conf/linear_regression.yaml", *args, flag)
+        done = run_cli("train", "conf/linear_regression.yaml", *args, flag)
         assert done.returncode == 0, done.stderr
-    assert {r.info.run_name for r in _runs(client, "lin_unregistered")} == {"lin_unregistered"}
-    assert {r.info.run_name for r in _runs(client, "lin_unregistered-dry-run")} == {"lin_unregistered-dry-run"}
+    assert {r.info.run_name for r in runs_of(client, "lin_unregistered")} == {"lin_unregistered"}
+    assert {r.info.run_name for r in runs_of(client, "lin_unregistered-dry-run")} == {"lin_unregistered-dry-run"}
     assert client.search_registered_models("name = 'never_registered'") == []
 
 
@@ -129,7 +122,8 @@ def registered_mnist(mlflow_server: str, data_root: Path, tmp_path_factory: pyte
         cfg = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
         result = run_training(cfg)
     model, state = load_checkpoint(result.checkpoint)
-    from pipeline.data import DatasetSpec, normalizer
+    from pipeline.data.store import DatasetSpec
+    from pipeline.data.transforms import normalizer
 
     spec = DatasetSpec.from_json(state["dataset"])
     images = load_splits(spec, cfg.data, cfg.seed)["test"][0][:20]  # raw uint8, (N, 1, 28, 28)
@@ -140,6 +134,7 @@ def registered_mnist(mlflow_server: str, data_root: Path, tmp_path_factory: pyte
     return {"ref": "served_mlp@champion", "images": images, "expected": expected, "classes": spec.classes, "dir": storage}
 
 
+@pytest.mark.mlflow_server
 def test_load_model_in_a_fresh_process_predicts_what_the_trained_model_did(
     registered_mnist: dict, mlflow_server: str, tmp_path: Path
 ) -> None:
@@ -157,10 +152,11 @@ print(json.dumps({{"ours": ours, "pyfunc": pyfunc}}))
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    answer = last_json(done.stdout)
     assert answer["ours"] == answer["pyfunc"] == registered_mnist["expected"].tolist()
 
 
+@pytest.mark.mlflow_server
 def test_load_model_and_the_pyfunc_take_images_in_every_usual_layout(registered_mnist: dict, mlflow_server: str, tmp_path: Path) -> None:
     images = registered_mnist["images"][:4]  # uint8 (N, 1, 28, 28)
     layouts = {"nchw": images, "nhw": images[:, 0], "nhwc": images.transpose(0, 2, 3, 1), "one_chw": images[0],
@@ -183,7 +179,7 @@ print(json.dumps(answers))
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr
-    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    answers = last_json(done.stdout)
     expected = registered_mnist["expected"][:4].tolist()
     for who in ("ours", "pyfunc"):
         for name in ("nchw", "nhw", "nhwc"):
@@ -197,7 +193,7 @@ print(json.dumps(answers))
 def test_an_rgb_model_takes_numpy_s_channels_last_arrays_as_it_takes_pytorch_s(data_root: Path) -> None:
     import torch
 
-    from pipeline.data import materialize
+    from pipeline.data.store import materialize
     from pipeline.models import model_for
     from pipeline.serving import InputError, build_predictor
 
@@ -224,12 +220,13 @@ def _write_pngs(images: np.ndarray, folder: Path, mode: str = "L") -> list[str]:
     return paths
 
 
+@pytest.mark.mlflow_server
 def test_pipeline_predict_on_png_files_writes_class_label_and_probability(
     registered_mnist: dict, mlflow_server: str, tmp_path: Path
 ) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     pngs = _write_pngs(registered_mnist["images"][:PNG_CLASSES], tmp_path)
-    done = _cli("predict", registered_mnist["ref"], *pngs, "--out", str(tmp_path / "out.csv"), env=env)
+    done = run_cli("predict", registered_mnist["ref"], *pngs, "--out", str(tmp_path / "out.csv"), env=env)
     assert done.returncode == 0, done.stderr
     import pandas as pd
 
@@ -238,11 +235,12 @@ def test_pipeline_predict_on_png_files_writes_class_label_and_probability(
     assert table["class_index"].tolist() == registered_mnist["expected"][:PNG_CLASSES].tolist()
     assert table["label"].astype(str).tolist() == [registered_mnist["classes"][i] for i in table["class_index"]]
     assert ((table["probability"] > 0) & (table["probability"] <= 1)).all()
-    printed = _cli("predict", registered_mnist["ref"], pngs[0], env=env)
+    printed = run_cli("predict", registered_mnist["ref"], pngs[0], env=env)
     assert printed.returncode == 0 and "class_index" in printed.stdout and "probability" in printed.stdout
     assert "Warning" not in done.stderr + printed.stderr, "the table alone: no library warnings for the user to decode"
 
 
+@pytest.mark.mlflow_server
 def test_image_files_are_read_as_training_read_them_whatever_their_mode(registered_mnist: dict, mlflow_server: str, tmp_path: Path) -> None:
     from PIL import Image
 
@@ -253,52 +251,55 @@ def test_image_files_are_read_as_training_read_them_whatever_their_mode(register
     Image.fromarray(digit).convert("P").save(tmp_path / "palette.png")
     Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # 16-bit: 255 -> 65535
     files = [str(tmp_path / name) for name in ("rgb.png", "rgba.png", "palette.png", "sixteen.png")]
-    done = _cli("predict", registered_mnist["ref"], *files, "--out", str(tmp_path / "out.csv"), env=env)
+    done = run_cli("predict", registered_mnist["ref"], *files, "--out", str(tmp_path / "out.csv"), env=env)
     assert done.returncode == 0, done.stderr
     import pandas as pd
 
     assert pd.read_csv(tmp_path / "out.csv")["class_index"].tolist() == [registered_mnist["expected"][0]] * 4
 
 
+@pytest.mark.mlflow_server
 def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
     registered_mnist: dict, mlflow_server: str, tmp_path: Path
 ) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     png = _write_pngs(registered_mnist["images"][:1], tmp_path)[0]
-    unknown = _cli("predict", "no_such_model@champion", png, env=env)
+    unknown = run_cli("predict", "no_such_model@champion", png, env=env)
     assert unknown.returncode == 2 and "no registered model 'no_such_model'" in unknown.stderr
     assert "served_mlp" in unknown.stderr and "Traceback" not in unknown.stderr
-    alias = _cli("predict", "served_mlp@best", png, env=env)
+    alias = run_cli("predict", "served_mlp@best", png, env=env)
     assert alias.returncode == 2 and "no alias or version 'best'" in alias.stderr and "champion (version" in alias.stderr
     from PIL import Image
 
     Image.fromarray(registered_mnist["images"][0, 0]).resize((32, 32)).save(tmp_path / "big.png")
-    wrong = _cli("predict", registered_mnist["ref"], str(tmp_path / "big.png"), env=env)
+    wrong = run_cli("predict", registered_mnist["ref"], str(tmp_path / "big.png"), env=env)
     assert wrong.returncode == 2 and "(N, 1, 28, 28)" in wrong.stderr and "grayscale 28x28" in wrong.stderr and "(1, 32, 32)" in wrong.stderr
     np.save(tmp_path / "flat.npy", np.zeros((2, 784), dtype=np.uint8))
-    flat = _cli("predict", registered_mnist["ref"], str(tmp_path / "flat.npy"), env=env)
+    flat = run_cli("predict", registered_mnist["ref"], str(tmp_path / "flat.npy"), env=env)
     assert flat.returncode == 2 and "(2, 784)" in flat.stderr
 
 
 def test_an_unreachable_server_fails_before_training_naming_the_uri(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {**os.environ, "MLFLOW_TRACKING_URI": url}
-    done = _cli("train", "conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}", env=env)
+    done = run_cli("train", "conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}", env=env)
     assert done.returncode == 2
     assert f"cannot reach the MLflow server at MLFLOW_TRACKING_URI={url}" in done.stderr
     assert not (tmp_path / "linear_regression").exists(), "nothing was trained"
 
 
+@pytest.mark.mlflow_server
 def test_bad_data_leaves_no_mlflow_run(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = _server_env(monkeypatch, mlflow_server)
     (tmp_path / "table.csv").write_text("a,b\n1,2\n3,4\n")
-    done = _cli("train", "conf/linear_regression.yaml", "name=bad_table", "data.name=tabular",
-                f"data.path={tmp_path / 'table.csv'}", "data.target=label", f"storage_path={tmp_path}")  # fmt: skip
+    done = run_cli("train", "conf/linear_regression.yaml", "name=bad_table", "data.name=tabular",
+                   f"data.path={tmp_path / 'table.csv'}", "data.target=label", f"storage_path={tmp_path}")  # fmt: skip
     assert done.returncode == 2 and "data.target" in done.stderr
-    assert _runs(client, "bad_table") == []
+    assert runs_of(client, "bad_table") == []
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.workers
 def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
     ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -307,8 +308,8 @@ def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
     cfg = load_config(CONF_DIR / "circles_classifier.yaml", ["train.epochs=2", "data.num_samples=300", "scaling.runner=ray"])
     result = run_training(cfg)  # rank 0 runs in a Ray worker, whose working directory is not this one
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (run,) = _runs(client, "circles_classifier")
-    assert _steps(client, run.info.run_id, "val_accuracy") == [1, 2]
+    (run,) = runs_of(client, "circles_classifier")
+    assert metric_steps(client, run.info.run_id, "val_accuracy") == [1, 2]
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/decision_boundary.png"}
     assert result.registration["alias"] == "champion"
@@ -320,10 +321,10 @@ def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     from_pyfunc = mlflow.pyfunc.load_model("models:/circles_classifier@champion").predict(points)
     points.to_csv(tmp_path / "points.csv", index=False)
-    done = _cli("predict", "circles_classifier@champion", "points.csv", "--out", "preds.parquet", cwd=tmp_path,
-                env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})  # fmt: skip
+    done = run_cli("predict", "circles_classifier@champion", "points.csv", "--out", "preds.parquet", cwd=tmp_path,
+                   env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})  # fmt: skip
     assert done.returncode == 0, done.stderr
     from_cli = pd.read_parquet(tmp_path / "preds.parquet")
     assert from_cli["input"].tolist() == ["points.csv:0", "points.csv:1", "points.csv:2"]
     assert from_cli["class_index"].tolist() == from_pyfunc["class_index"].tolist()
-    assert set(from_cli["label"]) <= {"inside", "outside"}
+    assert from_cli["label"].tolist() == [("outside", "inside")[i] for i in from_pyfunc["class_index"]]  # the circles' classes

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,9 +12,11 @@ import torch
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data import LINEAR_TRUE_B, LINEAR_TRUE_W
-from pipeline.train import _preprocessor, load_checkpoint, prepare, run_training
-from tests.conftest import CONF_DIR, REPO, tiny, wait_for_run_dir
+from pipeline.data.sources import LINEAR_TRUE_B, LINEAR_TRUE_W
+from pipeline.loop import preprocessor, load_checkpoint
+from pipeline.checks import check_training
+from pipeline.train import run_training
+from tests.helpers import CONF_DIR, last_json, metric_steps, start_cli, tiny, wait_for_files, wait_for_run_dir
 
 CONFS = sorted(CONF_DIR.glob("*.yaml"))
 
@@ -26,15 +26,15 @@ def test_every_conf_trains_one_epoch_on_tiny_data(conf: Path, data_root: Path, t
     # In this process (num_workers=0): the same loop the Ray workers run, without a worker group.
     # model.pretrained=false: no network here for ImageNet weights.
     overrides = tiny(data_root, tmp_path, "scaling.num_workers=0", "model.pretrained=false", "data.num_samples=200")
-    result = run_training(load_config(conf, overrides))
+    cfg = load_config(conf, overrides)
+    result = run_training(cfg)
     assert [m["epoch"] for m in result.history] == [1]
     metrics = result.metrics
     assert metrics["train_loss"] > 0 and metrics["samples_per_sec"] > 0
-    assert "val_accuracy" in metrics or "val_mse" in metrics
+    assert {"val_loss", cfg.metric} <= set(metrics)  # val_accuracy for a classifier, val_mse for the regression
     assert Path(result.checkpoint, "state.pt").is_file()
 
 
-@pytest.mark.slow
 def test_linear_regression_recovers_w_and_b(tmp_path: Path) -> None:
     cfg = load_config(CONF_DIR / "linear_regression.yaml", [f"storage_path={tmp_path}", f"data.root={tmp_path}"])
     result = run_training(cfg)  # one worker on this machine: in this process (scaling.runner=auto)
@@ -43,7 +43,8 @@ def test_linear_regression_recovers_w_and_b(tmp_path: Path) -> None:
     assert abs(model.bias.item() - LINEAR_TRUE_B) < 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.workers
 def test_two_ddp_workers_follow_one_worker_on_the_same_global_batch(ray_local, data_root: Path, tmp_path: Path) -> None:
     # No dropout or batch norm: with the same global batches, DDP's averaged gradient is the 1-worker gradient.
     common = tiny(data_root, tmp_path, "train.epochs=3", "optim.name=sgd", "optim.lr=0.05", "model.dropout=0")
@@ -79,13 +80,6 @@ def test_a_changed_model_is_a_new_run_named_by_what_changed(data_root: Path, tmp
     assert Path(first.checkpoint).is_dir(), "the first run is untouched"
 
 
-def _train_cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "train", *args, "--output", "json"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
 def _latest_checkpoint_epoch(run_dir: Path, workers: int) -> int:
     if workers == 0:  # in-process: complete checkpoints are the folders with their meta.json
         return max(int(json.loads(p.read_text())["epoch"]) for p in run_dir.glob("checkpoint_epoch=*/meta.json"))
@@ -94,27 +88,23 @@ def _latest_checkpoint_epoch(run_dir: Path, workers: int) -> int:
     return int(Result.from_path(str(run_dir)).checkpoint.path.rsplit("=", 1)[1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=[pytest.mark.ray, pytest.mark.workers])])
 def test_a_killed_run_resumes_at_the_next_epoch(workers: int, tmp_path: Path) -> None:
     epochs = 12
-    args = ["conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}",
+    args = ["train", "conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}",
             f"train.epochs={epochs}", "data.num_samples=3000", f"scaling.num_workers={workers}",
-            f"scaling.runner={'ray' if workers else 'auto'}"]
-    run = _train_cli(*args)
+            f"scaling.runner={'ray' if workers else 'auto'}", "--output", "json"]
+    run = start_cli(*args)
     run_dir = wait_for_run_dir(tmp_path, "linear_regression", run)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoint_epoch=0003").exists():
-        assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-        time.sleep(0.05)
+    wait_for_files(run_dir, "checkpoint_epoch=0003", run)
     run.kill()  # SIGKILL: no chance to clean up, as when a machine goes away
     run.wait()
     time.sleep(3)  # Ray's controller outlives its driver by a moment and may still record a checkpoint
     resume_from = _latest_checkpoint_epoch(run_dir, workers)
-    again = _train_cli(*args)
+    again = start_cli(*args)
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary = last_json(out)
     assert resume_from >= 1
     assert [m["epoch"] for m in summary["history"]] == list(range(resume_from + 1, epochs + 1))
     # The same MLflow run goes on, and holds each epoch once: those before the kill and those after.
@@ -123,10 +113,11 @@ def test_a_killed_run_resumes_at_the_next_epoch(workers: int, tmp_path: Path) ->
     (run,) = client.search_runs([experiment.experiment_id], filter_string=f"tags.run_dir = '{run_dir}'")
     assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     for key in ("epoch", "train_loss", "val_mse"):
-        assert sorted(int(m.step) for m in client.get_metric_history(run.info.run_id, key)) == list(range(1, epochs + 1))
+        assert metric_steps(client, run.info.run_id, key) == list(range(1, epochs + 1))
 
 
-@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.workers
 def test_a_user_module_trains_on_ray_workers(ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "my_nets.py").write_text(
         "from torch import nn\n"
@@ -148,7 +139,7 @@ def test_a_user_module_trains_on_ray_workers(ray_local, tmp_path: Path, monkeypa
 
 
 def test_an_image_folder_trains(tmp_path: Path) -> None:
-    from tests.formats import write_image_folder
+    from pipeline.standin import write_image_folder
 
     write_image_folder(tmp_path / "pets", per_class=40, size=(8, 8))
     overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.name=image_folder", f"data.path={tmp_path / 'pets'}",
@@ -170,7 +161,7 @@ def test_channels_last_trains_the_same_model_as_the_default_layout(data_root: Pa
     rgb = load_config(CONF_DIR / "cifar10_resnet18.yaml", tiny(data_root, tmp_path, "model.pretrained=false"))
     for channels_last in (True, False):
         cfg = rgb.model_copy(update={"train": rgb.train.model_copy(update={"channels_last": channels_last})})
-        prep = _preprocessor(cfg, prepare(cfg), torch.device("cpu"))
+        prep = preprocessor(cfg, check_training(cfg), torch.device("cpu"))
         for batch in (prep.train(torch.zeros(4, 3, 32, 32, dtype=torch.uint8)), prep.eval(torch.zeros(4, 3, 32, 32, dtype=torch.uint8))):
             assert batch.is_contiguous(memory_format=torch.channels_last) is channels_last
             assert batch.is_contiguous() is not channels_last
@@ -194,5 +185,5 @@ def test_a_module_that_views_nhwc_activations_is_refused_with_train_channels_las
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = tiny(data_root, tmp_path, "model.name=viewing_net:ViewingNet", "scaling.num_workers=0")
     with pytest.raises(ConfigError, match=r"model.name: viewing_net:ViewingNet .*train.channels_last=false"):
-        prepare(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", overrides))  # the conf sets channels_last
-    assert prepare(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", [*overrides, "train.channels_last=false"])).is_image
+        check_training(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", overrides))  # the conf sets channels_last
+    assert check_training(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", [*overrides, "train.channels_last=false"])).is_image

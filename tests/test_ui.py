@@ -7,8 +7,6 @@ kept in test-artifacts/ for a person to look at.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,13 +14,14 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.train import run_training
-from tests.conftest import CONF_DIR, REPO, free_port, stop_group, wait_for_http
+from tests.helpers import CONF_DIR, REPO, free_port, start_cli, stop_group, wait_for_http
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO / "test-artifacts"
 # Without these, Chromium keeps trying to reach Google's services, which this closed network refuses.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+pytestmark = pytest.mark.mlflow_server  # `pipeline ui` serves the store with `mlflow server`
 
 
 @pytest.fixture
@@ -34,8 +33,7 @@ def served_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     result = run_training(cfg)
     experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.mlflow_run_id).info.experiment_id
     port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=tmp_path,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    ui = start_cli("ui", "--port", str(port), cwd=tmp_path, new_group=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", ui)
         yield f"http://127.0.0.1:{port}", ui, experiment_id, result.mlflow_run_id
@@ -45,6 +43,7 @@ def served_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         stop_group(ui)
 
 
+@pytest.mark.browser
 def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:
     from playwright.sync_api import expect, sync_playwright
 

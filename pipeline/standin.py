@@ -1,4 +1,5 @@
-"""Writers for small files in the datasets' real on-disk formats, laid out as torchvision lays them out.
+"""Small files in the real formats of MNIST, FashionMNIST and CIFAR-10 (and an ImageFolder), written
+offline and laid out as torchvision lays them out: for tests, benchmarks and trying a conf without a network.
 
 The images are learnable: each class lights up its own patch, over noise, so a model trained on a
 few hundred of them beats chance quickly.

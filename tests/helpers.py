@@ -1,0 +1,173 @@
+"""What tests share besides fixtures: the `pipeline` command, waiting for files and servers, free ports,
+MLflow runs and metric histories, process groups. Fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # mlflow takes seconds to import: only where a test asks for a client
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+CLI = (sys.executable, "-m", "pipeline")
+T = TypeVar("T")
+
+# ---------------------------------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(*args: str, cwd: Path | str = REPO, env: dict[str, str] | None = None, timeout: float = 300,
+            console_script: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
+    """`python -m pipeline *args` (or the installed `pipeline` script) to its end, output captured as text."""
+    program = [str(Path(sys.executable).parent / "pipeline")] if console_script else list(CLI)
+    return subprocess.run([*program, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_cli(*args: str, cwd: Path | str = REPO, env: dict[str, str] | None = None,
+              preexec_fn: Callable[[], None] | None = None, new_group: bool = False) -> subprocess.Popen:  # fmt: skip
+    """`python -m pipeline *args` in the background, its stdout and stderr piped as text; `new_group`: in a
+    process group of its own, which stop_group ends with everything it started."""
+    return subprocess.Popen([*CLI, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=preexec_fn, start_new_session=new_group)  # fmt: skip
+
+
+def last_json(stdout: str) -> dict[str, Any]:
+    """What `--output json` printed: the last line of stdout."""
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def summary_of(done: subprocess.CompletedProcess) -> dict[str, Any]:
+    """The `--output json` summary of a command that must have succeeded."""
+    assert done.returncode == 0, done.stderr[-3000:]
+    return last_json(done.stdout)
+
+
+def tiny(data_root: Path, storage: Path, *extra: str) -> list[str]:
+    """Overrides that shrink any experiment to seconds: local data, one epoch, small batches, no download."""
+    return [
+        f"data.root={data_root}",
+        "data.download=false",
+        f"storage_path={storage}",
+        "train.epochs=1",
+        "data.batch_size=16",
+        *extra,
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Waiting for a background process's files
+
+
+def wait_for(found: Callable[[], T], process: subprocess.Popen, timeout_s: float = 120) -> T:
+    """Poll `found` until it gives something truthy, and return that; fail with the process's output if
+    the process exits first or `timeout_s` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := found()):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return result
+
+
+def wait_for_files(folder: Path, pattern: str, process: subprocess.Popen, *, count: int = 1, timeout_s: float = 120) -> list[Path]:
+    """The paths under `folder` that match `pattern`, sorted, once there are `count` of them (see wait_for)."""
+
+    def found() -> list[Path]:
+        paths = sorted(folder.glob(pattern))
+        return paths if len(paths) >= count else []
+
+    return wait_for(found, process, timeout_s)
+
+
+def run_dir(storage: Path, name: str, *, search: bool = False) -> Path:
+    """The folder of the one run (or search) of `name` under `storage`: <storage>/<name>[-tune]/<key>."""
+    (folder,) = [record.parent for record in (storage / f"{name}{'-tune' if search else ''}").glob("*/run.json")]
+    return folder
+
+
+def wait_for_run_dir(storage: Path, name: str, process: subprocess.Popen, *, search: bool = False, timeout_s: float = 120) -> Path:
+    """run_dir, once the `pipeline` process has made it."""
+    wait_for_files(storage / f"{name}{'-tune' if search else ''}", "*/run.json", process, timeout_s=timeout_s)
+    return run_dir(storage, name, search=search)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Servers and process groups
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 90) -> None:
+    """Until `url` answers; fail at once if the process that should serve it exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}: {process.communicate()}")
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout_s} s")
+
+
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port, its store and artifacts in `root` (the same root: the same runs)."""
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server)
+    except BaseException:
+        stop_group(server)
+        raise
+    return server
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True and its children (mlflow server runs uvicorn)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """A client of `uri` for runs and the registry alike: a test before may have left MLFLOW_REGISTRY_URI
+    pointing elsewhere (mlflow.set_registry_uri sets it for the whole process)."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def runs_of(client: MlflowClient, experiment: str, *, parent: str | None = None) -> list[Run]:
+    """The runs of `experiment` (none if it does not exist); with `parent`, only that run's children."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    return client.search_runs([found.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'" if parent else "")
+
+
+def metric_steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    """The steps at which `key` was logged in the run, sorted: every epoch once reads [1, 2, ..., n]."""
+    return sorted(int(m.step) for m in client.get_metric_history(run_id, key))
