@@ -54,7 +54,7 @@ def _experiment_command(commands: argparse._SubParsersAction, name: str, text: s
     return command
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = _experiment_command(commands, "train", "train one experiment (resumes from its latest checkpoint)")
@@ -92,7 +92,7 @@ def _cluster_command(commands: argparse._SubParsersAction, name: str, text: str)
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     """Options and overrides in any order: `train CONF --fresh a=1 b=2` as well as `train CONF a=1 b=2 --fresh`."""
-    parser = _parser()
+    parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     overrides = [arg for arg in extra if "=" in arg and not arg.startswith("-")]
     if overrides and hasattr(args, "overrides"):

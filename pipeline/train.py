@@ -36,7 +36,7 @@ class TrainingResult:
     outcome: str  # "trained" (a new run), "resumed", or "already trained" (nothing was trained)
     epochs: int  # the last epoch the run has trained
     metrics: dict[str, Any]  # the last epoch's
-    checkpoint: str | None  # the run's model: the best checkpoint by validation, else the last
+    checkpoint: str  # the run's model: the best checkpoint by validation, else the last
     checkpoint_metrics: dict[str, Any] = field(default_factory=dict)  # its epoch's metrics, and test_* measured on it
     history: list[dict[str, Any]] = field(default_factory=list)  # this invocation's epochs, in order
     mlflow_run_id: str | None = None

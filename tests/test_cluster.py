@@ -104,6 +104,7 @@ def cluster() -> Iterator[Cluster]:
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = _fixed_port(), _fixed_port()
     ray = shutil.which("ray", path=env["PATH"])
+    assert ray is not None, "the ray command is installed with the package"
 
     def common() -> list[str]:  # its own agent port per node: the default, 52365, is one per machine
         return ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={NODE_CPUS}", "--disable-usage-stats",

@@ -240,7 +240,7 @@ def test_truncated_gz_idx_file_is_named(tmp_path: Path) -> None:
     labels = raw / "train-labels-idx1-ubyte.gz"
     labels.write_bytes(labels.read_bytes()[:-20])
 
-    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: cannot be read .*download again"):
+    with pytest.raises(DataError, match=r"train-labels-idx1-ubyte\.gz: cannot be read .*download again"):
         materialize(DataConfig(name="mnist", root=str(tmp_path), download=False), seed=0)
 
 
@@ -252,7 +252,7 @@ def test_corrupt_deflate_data_in_gz_idx_file_is_a_data_error(tmp_path: Path) -> 
     damaged[10] |= 0b110  # first deflate block header (after the 10-byte gzip header): reserved block type
     images.write_bytes(bytes(damaged))
 
-    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz: cannot be read"):
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz: cannot be read"):
         materialize(DataConfig(name="mnist", root=str(tmp_path), download=False), seed=0)
 
 
@@ -337,9 +337,7 @@ def serve_mnist(server: LocalServer, monkeypatch: pytest.MonkeyPatch, mirrors: l
     return written
 
 
-def test_mnist_downloads_from_the_mirror_with_md5_checked(
-    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mnist_downloads_from_the_mirror_with_md5_checked(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     written = serve_mnist(server, monkeypatch, [server.url])
     root = tmp_path / "root"
     cfg = DataConfig(name="mnist", root=str(root), download=True, val_fraction=0)
@@ -360,9 +358,7 @@ def test_mnist_downloads_from_the_mirror_with_md5_checked(
     np.testing.assert_array_equal(splits["test"][1], written["test"][1])
 
 
-def test_a_dead_mirror_falls_back_to_the_next(
-    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_dead_mirror_falls_back_to_the_next(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serve_mnist(server, monkeypatch, [f"{server.url}gone/", server.url])
 
     spec = materialize(DataConfig(name="mnist", root=str(tmp_path / "root"), download=True), seed=0)
@@ -410,9 +406,7 @@ def serve_cifar(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "tgz_md5", md5_of or md5(archive))
 
 
-def test_cifar10_downloads_and_extracts_the_archive(
-    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cifar10_downloads_and_extracts_the_archive(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serve_cifar(server, tmp_path, monkeypatch)
     root = tmp_path / "root"
     cfg = DataConfig(name="cifar10", root=str(root), download=True, val_fraction=0)
@@ -426,9 +420,7 @@ def test_cifar10_downloads_and_extracts_the_archive(
     np.testing.assert_array_equal(x, cifar_as_written()["train"][0])
 
 
-def test_cifar10_download_with_a_wrong_md5_is_a_data_error(
-    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cifar10_download_with_a_wrong_md5_is_a_data_error(server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     serve_cifar(server, tmp_path, monkeypatch, md5_of="0" * 32)
     root = tmp_path / "root"
 
@@ -588,7 +580,7 @@ def test_two_workers_see_exactly_the_global_batches_of_one_worker() -> None:
     rank1 = list(batch_indices(n, b, rank=1, world_size=2, epoch=3, seed=9))
 
     assert len(one) == len(rank0) == len(rank1) == n // (2 * b) == 6  # the last 7 samples are dropped
-    for whole, part0, part1 in zip(one, rank0, rank1):
+    for whole, part0, part1 in zip(one, rank0, rank1, strict=True):
         assert len(part0) == len(part1) == b
         assert set(part0).isdisjoint(part1)
         assert set(part0) | set(part1) == set(whole)
@@ -642,7 +634,7 @@ def test_hflip_only_mirrors_some_samples_exactly_and_leaves_the_rest() -> None:
     out = augment(x, AugmentConfig(hflip=True), torch.Generator().manual_seed(0))
 
     flipped = []
-    for sample, result in zip(x, out):
+    for sample, result in zip(x, out, strict=True):
         same = torch.allclose(result, sample, atol=1e-5)
         mirrored = torch.allclose(result, torch.flip(sample, dims=[-1]), atol=1e-5)
         assert same or mirrored

@@ -19,7 +19,9 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 KEYS = sorted(flatten(ExperimentConfig().model_dump(mode="json")))  # every key path of a config
 
 scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8
+)
 # Key paths that exist, that nearly exist, and that do not: a.b, a., .b, a..b, deeper than any section.
 key_paths = st.sampled_from(KEYS) | st.sampled_from(KEYS).map(lambda k: k + ".x") | st.text(alphabet="ab._=", max_size=8)
 
@@ -63,7 +65,10 @@ def test_any_overrides_on_a_real_conf(overrides: list[str]) -> None:
 
 
 @SETTINGS
-@given(st.text(max_size=200) | st.dictionaries(st.sampled_from(["name", "entrypoint", "runtime_env", "resources", "x"]), values, max_size=4).map(yaml.safe_dump))
+@given(
+    st.text(max_size=200)
+    | st.dictionaries(st.sampled_from(["name", "entrypoint", "runtime_env", "resources", "x"]), values, max_size=4).map(yaml.safe_dump)
+)
 def test_any_job_spec(text: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "job.yaml"

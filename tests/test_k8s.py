@@ -33,9 +33,7 @@ OVERLAYS = ("cpu-dev", "gpu")
 # (named after the RayCluster, key auth_token).
 USER_SECRETS = {"mlflow-postgres", "mlflow-minio"}
 RAY_TOKEN_SECRET = "pipeline"
-MAIN_ENTRYPOINT = (
-    "python -m pipeline run /app/conf/fashion_mnist_cnn.yaml storage_path=/mnt/shared/runs data.root=/mnt/shared/data"
-)
+MAIN_ENTRYPOINT = "python -m pipeline run /app/conf/fashion_mnist_cnn.yaml storage_path=/mnt/shared/runs data.root=/mnt/shared/data"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet")
 
 
@@ -280,8 +278,11 @@ def test_the_resolver_builds_what_kustomize_builds(name: str) -> None:
     command = [*command, str(K8S / "overlays" / name)]
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    by_key = lambda docs: {(d["kind"], d["metadata"]["name"]): d for d in docs}
-    assert by_key(load_documents_text(result.stdout)) == by_key(build(K8S / "overlays" / name))
+    assert _by_key(load_documents_text(result.stdout)) == _by_key(build(K8S / "overlays" / name))
+
+
+def _by_key(docs: list[Any]) -> dict[tuple[str, str], Any]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
 
 
 def load_documents_text(text: str) -> list[Any]:
@@ -488,7 +489,7 @@ def test_the_readme_creates_the_secret_keys_the_manifests_use(built: dict[str, l
         created[match.group(1)] = set(re.findall(r"--from-literal=([\w.-]+)=", match.group(2)))
     used: dict[str, set[str]] = {}
     for docs in built.values():
-        for where, template in all_pods(docs):
+        for _, template in all_pods(docs):
             for container in containers(template["spec"]):
                 for item in container.get("env", []):
                     ref = item.get("valueFrom", {}).get("secretKeyRef")

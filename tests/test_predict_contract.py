@@ -161,7 +161,9 @@ def test_an_array_in_an_accepted_layout_is_answered_as_its_uint8_nchw_batch_or_r
 @pytest.mark.parametrize("name", ["mnist", "cifar"])
 @SETTINGS
 @given(data=st.data())
-def test_an_array_in_any_other_shape_is_refused_naming_the_layouts(image_models: dict[str, Predictor], name: str, data: st.DataObject) -> None:
+def test_an_array_in_any_other_shape_is_refused_naming_the_layouts(
+    image_models: dict[str, Predictor], name: str, data: st.DataObject
+) -> None:
     predictor = image_models[name]
     x = data.draw(off_contract_arrays(predictor.input_shape))
     with pytest.raises(InputError) as refused:
@@ -288,7 +290,9 @@ def test_an_array_file_whose_header_claims_a_huge_shape_is_refused_not_allocated
         predict_files(circles, [str(path)])
 
 
-def test_an_image_file_that_claims_a_decompression_bomb_size_is_refused_naming_the_file(image_models: dict[str, Predictor], tmp_path: Path) -> None:
+def test_an_image_file_that_claims_a_decompression_bomb_size_is_refused_naming_the_file(
+    image_models: dict[str, Predictor], tmp_path: Path
+) -> None:
     path = tmp_path / "bomb.png"
     Image.new("L", (28, 28)).save(path)
     content = bytearray(path.read_bytes())
@@ -419,7 +423,9 @@ def damage(content: bytes, data: st.DataObject) -> bytes:
 
 @SETTINGS
 @given(data=st.data(), suffix=st.sampled_from([".npy", ".csv", ".parquet"]))
-def test_damaged_array_and_table_files_are_answered_or_refused_naming_the_file(circles: Predictor, data: st.DataObject, suffix: str) -> None:
+def test_damaged_array_and_table_files_are_answered_or_refused_naming_the_file(
+    circles: Predictor, data: st.DataObject, suffix: str
+) -> None:
     rows = np.random.default_rng(data.draw(seeds)).normal(size=(data.draw(st.integers(0, 4)), 2))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"points{suffix}"

@@ -57,9 +57,7 @@ def test_other_data_makes_another_run_and_a_search_is_keyed_by_its_space() -> No
     )
 
 
-def test_rerun_changed_config_fresh_and_more_epochs_through_the_command_line(
-    data_root: Path, tmp_path: Path, tracking_store: str
-) -> None:
+def test_rerun_changed_config_fresh_and_more_epochs_through_the_command_line(data_root: Path, tmp_path: Path, tracking_store: str) -> None:
     args = ["train", "conf/mnist_mlp.yaml", *tiny(data_root, tmp_path, "name=rerun_mlp", "model.hidden=[16]"), "--output", "json"]
     first = _train(args[2:-2])  # in this process (the steps whose console output is asserted go through the command)
     assert first["outcome"] == "trained" and first["registration"]["version"] in (1, "1")
@@ -144,7 +142,10 @@ def test_a_version_trained_on_other_data_is_not_compared_with_the_champion(tmp_p
     assert "not compared" in second["registration"]["reason"] and "other data" in second["registration"]["reason"]
     tags = mlflow_client(tracking_store).get_model_version("other_data", second["registration"]["version"]).tags
     assert tags["decision"] == "challenger" and "other data" in tags["decision_reason"]
-    assert tags["data_hash"] != mlflow_client(tracking_store).get_model_version("other_data", first["registration"]["version"]).tags["data_hash"]
+    assert (
+        tags["data_hash"]
+        != mlflow_client(tracking_store).get_model_version("other_data", first["registration"]["version"]).tags["data_hash"]
+    )
 
 
 @pytest.mark.parametrize("name", [".", "..", ".hidden", "a/b"])

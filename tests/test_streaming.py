@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.checks import check_training
 from pipeline.config import ConfigError, load_config
 from pipeline.data.store import decoded_mb, load_split_rows, materialize, streaming_datasets
-from pipeline.checks import check_training
-from pipeline.train import run_training
 from pipeline.execution import runs_in_process, streams
+from pipeline.train import run_training
 from tests.helpers import CONF_DIR, tiny
 
 
@@ -48,9 +48,10 @@ def test_auto_streams_above_the_threshold_and_then_trains_on_ray_workers(data_ro
 @pytest.mark.ray
 @pytest.mark.workers
 def test_two_workers_train_on_streamed_shards(ray_local, tmp_path: Path) -> None:
-    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.loader=stream", "scaling.num_workers=2", "train.epochs=3"]
+    # Two epochs: each streamed epoch costs tens of seconds on 2 cores, and two show the loss going down.
+    overrides = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.loader=stream", "scaling.num_workers=2", "train.epochs=2"]
     result = run_training(load_config(CONF_DIR / "circles_classifier.yaml", overrides), track=False)
-    assert [m["epoch"] for m in result.history] == [1, 2, 3]
+    assert [m["epoch"] for m in result.history] == [1, 2]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.metrics["val_accuracy"] > 0.8  # the circles are learnable: the batches are real data
 

@@ -59,9 +59,7 @@ def test_a_ray_run_is_one_mlflow_run_with_every_epoch_once_and_its_lineage(
     assert tags["data_hash"] == json.loads((data_root / "parquet" / "mnist" / "manifest.json").read_text())["data_hash"]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
     assert tags["git_commit"].removesuffix("-dirty").endswith(head)  # `git describe`: the commit, after a tag if any
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
-        a.path for a in client.list_artifacts(run.info.run_id, "plots")
-    }
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"config.yaml", "plots/learning_curves.png", "plots/confusion_matrix.png"} <= artifacts
 
     versions = client.search_model_versions("name = 'tracked_mlp'")
@@ -85,23 +83,23 @@ def test_a_worse_model_stays_challenger_and_a_better_one_takes_champion(
     worse = run_training(load_config(conf, _linear(tmp_path, "lin_worse", "train.epochs=1", "optim.lr=0.001")))
     better = run_training(load_config(conf, _linear(tmp_path, "lin_better", "train.epochs=20", "optim.lr=0.05")))
 
-    assert good.registration["alias"] == "champion" and good.registration["champion_value"] is None
-    assert worse.registration["alias"] == "challenger"
-    assert worse.registration["value"] > good.registration["value"]  # val_mse: lower is better
-    assert better.registration["alias"] == "champion"
-    assert better.registration["value"] < better.registration["champion_value"] == good.registration["value"]
+    first, second, third = good.registration, worse.registration, better.registration
+    assert first is not None and second is not None and third is not None, "every run registers a version"
+    assert first["alias"] == "champion" and first["champion_value"] is None
+    assert second["alias"] == "challenger"
+    assert second["value"] > first["value"]  # val_mse: lower is better
+    assert third["alias"] == "champion"
+    assert third["value"] < third["champion_value"] == first["value"]
     model = client.get_registered_model("linear_champion")
-    assert model.aliases == {"champion": better.registration["version"], "challenger": worse.registration["version"]}
-    tags = client.get_model_version("linear_champion", worse.registration["version"]).tags
+    assert model.aliases == {"champion": third["version"], "challenger": second["version"]}
+    tags = client.get_model_version("linear_champion", second["version"]).tags
     assert tags["decision"] == "challenger" and tags["metric"] == "val_mse"
-    assert float(tags["metric_value"]) == worse.registration["value"]
-    assert float(tags["champion_metric_value"]) == good.registration["value"]
+    assert float(tags["metric_value"]) == second["value"]
+    assert float(tags["champion_metric_value"]) == first["value"]
 
 
 @pytest.mark.mlflow_server
-def test_no_register_and_dry_run_track_but_register_nothing(
-    mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_no_register_and_dry_run_track_but_register_nothing(mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     client = _server_env(monkeypatch, mlflow_server)
     args = _linear(tmp_path, "lin_unregistered", "train.epochs=1", "tracking.register_as=never_registered")
     for flag in ("--no-register", "--dry-run"):
@@ -186,7 +184,10 @@ print(json.dumps(answers))
             assert answers[f"{who}:{name}"] == expected, (who, name)
         for name in ("one_chw", "one_hw", "one_hwc"):
             assert answers[f"{who}:{name}"] == expected[:1], (who, name)
-        assert "InputError" in answers[f"{who}:two_channels"] and "(N, 1, 28, 28) or (N, 28, 28, 1) or (N, 28, 28)" in answers[f"{who}:two_channels"]
+        assert (
+            "InputError" in answers[f"{who}:two_channels"]
+            and "(N, 1, 28, 28) or (N, 28, 28, 1) or (N, 28, 28)" in answers[f"{who}:two_channels"]
+        )
         assert "dtype float32" in answers[f"{who}:float_nchw"] and ".astype(np.uint8)" in answers[f"{who}:float_nchw"]
 
 
@@ -259,9 +260,7 @@ def test_image_files_are_read_as_training_read_them_whatever_their_mode(register
 
 
 @pytest.mark.mlflow_server
-def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
-    registered_mnist: dict, mlflow_server: str, tmp_path: Path
-) -> None:
+def test_bad_model_references_and_inputs_exit_2_naming_what_exists(registered_mnist: dict, mlflow_server: str, tmp_path: Path) -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     png = _write_pngs(registered_mnist["images"][:1], tmp_path)[0]
     unknown = run_cli("predict", "no_such_model@champion", png, env=env)
@@ -273,7 +272,9 @@ def test_bad_model_references_and_inputs_exit_2_naming_what_exists(
 
     Image.fromarray(registered_mnist["images"][0, 0]).resize((32, 32)).save(tmp_path / "big.png")
     wrong = run_cli("predict", registered_mnist["ref"], str(tmp_path / "big.png"), env=env)
-    assert wrong.returncode == 2 and "(N, 1, 28, 28)" in wrong.stderr and "grayscale 28x28" in wrong.stderr and "(1, 32, 32)" in wrong.stderr
+    assert (
+        wrong.returncode == 2 and "(N, 1, 28, 28)" in wrong.stderr and "grayscale 28x28" in wrong.stderr and "(1, 32, 32)" in wrong.stderr
+    )
     np.save(tmp_path / "flat.npy", np.zeros((2, 784), dtype=np.uint8))
     flat = run_cli("predict", registered_mnist["ref"], str(tmp_path / "flat.npy"), env=env)
     assert flat.returncode == 2 and "(2, 784)" in flat.stderr
@@ -312,7 +313,7 @@ def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
     assert metric_steps(client, run.info.run_id, "val_accuracy") == [1, 2]
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} >= {"plots/decision_boundary.png"}
-    assert result.registration["alias"] == "champion"
+    assert result.registration is not None and result.registration["alias"] == "champion"
 
     import mlflow
     import pandas as pd

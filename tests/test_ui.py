@@ -7,7 +7,6 @@ kept in test-artifacts/ for a person to look at.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -24,23 +23,27 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
 pytestmark = pytest.mark.mlflow_server  # `pipeline ui` serves the store with `mlflow server`
 
 
-@pytest.fixture
-def served_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """One trained and registered run in the embedded default store, served by `pipeline ui`."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    monkeypatch.chdir(tmp_path)
-    cfg = load_config(CONF_DIR / "linear_regression.yaml", ["name=ui_linear", "scaling.num_workers=0", "train.epochs=2"])
-    result = run_training(cfg)
-    experiment_id = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(result.mlflow_run_id).info.experiment_id
-    port = free_port()
-    ui = start_cli("ui", "--port", str(port), cwd=tmp_path, new_group=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/health", ui)
-        yield f"http://127.0.0.1:{port}", ui, experiment_id, result.mlflow_run_id
-    finally:
-        ui.terminate()  # pipeline ui stops its server's process group on SIGTERM
-        ui.wait(timeout=30)
-        stop_group(ui)
+@pytest.fixture(scope="module")
+def served_store(tmp_path_factory: pytest.TempPathFactory):
+    """One trained and registered run in the embedded default store, served by `pipeline ui`: once for the
+    module's tests (a training and a server, ~20 s on 2 cores)."""
+    folder = tmp_path_factory.mktemp("ui")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI")
+        patch.chdir(folder)
+        cfg = load_config(CONF_DIR / "linear_regression.yaml", ["name=ui_linear", "scaling.num_workers=0", "train.epochs=2"])
+        result = run_training(cfg)
+        assert result.mlflow_run_id is not None  # tracked
+        experiment_id = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_run(result.mlflow_run_id).info.experiment_id
+        port = free_port()
+        ui = start_cli("ui", "--port", str(port), cwd=folder, new_group=True)
+        try:
+            wait_for_http(f"http://127.0.0.1:{port}/health", ui)
+            yield f"http://127.0.0.1:{port}", ui, experiment_id, result.mlflow_run_id
+        finally:
+            ui.terminate()  # pipeline ui stops its server's process group on SIGTERM
+            ui.wait(timeout=30)
+            stop_group(ui)
 
 
 @pytest.mark.browser
