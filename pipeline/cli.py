@@ -218,15 +218,17 @@ def _predict(args: argparse.Namespace) -> int:
 
 def _ui(args: argparse.Namespace) -> int:
     from pipeline.redaction import redact
-    from pipeline.tracking import resolve_store, ui_command
+    from pipeline.tracking import resolve_store, training_runs_link, ui_command
 
     store = resolve_store(None)
     if store.is_server:
-        print(f"the tracking store is already a server: open {redact(store.uri)}")
+        print(f"the tracking store is already a server: open {training_runs_link(redact(store.uri))}")
         return 0
     command = ui_command(store, args.host, args.port)
     _check_port_free(args.host, args.port)
-    print(f"MLflow UI for {redact(store.uri)} at http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    url = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI for {redact(store.uri)} at {url}  (Ctrl-C stops it)", flush=True)
+    print(f"the training runs: {training_runs_link(url)}", flush=True)
     # Its own process group: `mlflow server` runs uvicorn as a child, and stopping the group stops both
     # (SIGTERM, raised as Terminated, leaves through `finally` as Ctrl-C does).
     server = subprocess.Popen(command, stdout=None if args.verbose else subprocess.DEVNULL,
@@ -258,7 +260,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from pipeline.cluster import connect, load_job, printable, submit
+    from pipeline.cluster import connect, load_job, submit
+    from pipeline.redaction import printable
 
     job = load_job(args.job, args.overrides)  # every check before the cluster is contacted
     client = connect(args.address, quiet=not args.verbose)

@@ -117,30 +117,6 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), environ: dict[str,
     return PreparedJob(name=spec.name, entrypoint=shlex.join(command), runtime_env=runtime_env, resources=resources)
 
 
-def printable(entrypoint: str) -> str:
-    """The entrypoint fit for a terminal: credentials in URIs and values of secret-looking keys hidden."""
-    from pipeline.redaction import REDACTED, is_secret_key, redact, redact_tree
-
-    words = []
-    for word in shlex.split(entrypoint):
-        key, sep, value = word.partition("=")
-        if sep and is_secret_key(key):
-            word = f"{key}={REDACTED}"
-        elif sep and isinstance(mapping := _yaml_or_none(value), dict):  # model.kwargs={api_token: ...}
-            word = f"{key}={yaml.safe_dump(redact_tree(mapping), default_flow_style=True, width=10**6).strip()}"
-        elif "://" in word:
-            word = f"{key}={redact(value)}" if sep and "://" in value else redact(word)
-        words.append(word)
-    return shlex.join(words)
-
-
-def _yaml_or_none(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return None
-
-
 def _read_spec(path: Path) -> JobSpec:
     if not path.is_file():
         raise JobError(f"{path}: no such job spec; the job specs are in jobs/*.yaml")

@@ -94,8 +94,13 @@ def register_best(
     value: float,
     epoch: int,
     tags: dict[str, str],
+    about: str,
+    made_by: str,
 ) -> Registration:
-    """Log `checkpoint_dir` (epoch `epoch` of `run`) as the run's model, register it under `name`, alias it."""
+    """Log `checkpoint_dir` (epoch `epoch` of `run`) as the run's model, register it under `name`, alias it.
+
+    `about` describes the registered model (set when it has no description yet); `made_by`, the run's own
+    description (the command line), goes into the version's description with its metric and decision."""
     from mlflow.exceptions import MlflowException
 
     if not math.isfinite(value):
@@ -106,19 +111,32 @@ def register_best(
         return earlier
     logged = _log_model(run, checkpoint_dir, example)
     try:
-        mlflow_client.create_registered_model(name)
+        mlflow_client.create_registered_model(name, description=about)
     except MlflowException as err:
         if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
+        if not mlflow_client.get_registered_model(name).description:  # registered before descriptions were written
+            mlflow_client.update_registered_model(name, description=about)
     measure = Measure(metric, split, tags.get("data_hash", ""), mode)
     version_tags = {**tags, "metric": metric, "metric_split": split, "metric_value": repr(value), "checkpoint_epoch": str(epoch)}
     version = mlflow_client.create_model_version(name, logged.model_uri, run_id=run.run_id, tags=version_tags, model_id=logged.model_id)
     try:
         alias, champion_value, reason = _crown(mlflow_client, name, version.version, measure, value)
+        registration = Registration(name, version.version, alias, metric, split, value, champion_value, reason)
+        mlflow_client.update_model_version(name, version.version, description=_describe(registration, run, epoch, made_by))
     except BaseException:
         _delete_version(mlflow_client, name, version.version)
         raise
-    return Registration(name, version.version, alias, metric, split, value, champion_value, reason)
+    return registration
+
+
+def _describe(registration: Registration, run: TrackedRun, epoch: int, made_by: str) -> str:
+    """The version's description (Markdown): where it comes from, what it measured, why its alias."""
+    return (
+        f"Run `{run.run_id}`, the checkpoint of epoch {epoch}. {made_by}\n\n"
+        f"{registration.metric} on the {registration.split} split: {registration.value:.6g}.\n\n"
+        f"Registered as {registration.alias}: {registration.reason}."
+    )
 
 
 def _registered(mlflow_client: MlflowClient, name: str, run_id: str, epoch: int) -> Registration | None:

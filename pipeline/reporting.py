@@ -30,7 +30,7 @@ from pipeline.loop import LOSSES, OneProcess, evaluate
 from pipeline.redaction import safe_config
 from pipeline.registry import Registration, register_best
 from pipeline.serving import EVAL_BATCH, Predictor, build_predictor
-from pipeline.tracking import TrackedRun, client, log_figure, log_metrics, log_text, metric_history, set_tags
+from pipeline.tracking import NOTE, TrackedRun, client, log_figure, log_metrics, log_text, metric_history, set_tags
 
 __all__ = ["evaluate_checkpoint", "registered_name", "registry_metric", "report_run"]
 
@@ -89,10 +89,14 @@ def report_run(
         if not register:
             return None
         metric, split = registry_metric(cfg, spec)
-        tags = {k: v for k, v in client(run.uri).get_run(run.run_id).data.tags.items() if k in LINEAGE_TAGS}
+        run_tags = client(run.uri).get_run(run.run_id).data.tags
+        better = "higher" if cfg.metric_mode == "max" else "lower"
+        about = (f"{cfg.model.name} trained on {cfg.data.name} by `pipeline`. Versions are compared on {metric} "
+                 f"({better} is better) on the {split} split of the same data; the alias `champion` marks the best of them.")  # fmt: skip
         return register_best(
             run, registered_name(cfg), folder, _input_example(spec, x[:EXAMPLE_ROWS]),
-            metric=metric, split=split, mode=cfg.metric_mode, value=float(metrics[metric]), epoch=epoch, tags=tags,
+            metric=metric, split=split, mode=cfg.metric_mode, value=float(metrics[metric]), epoch=epoch,
+            tags={k: v for k, v in run_tags.items() if k in LINEAGE_TAGS}, about=about, made_by=run_tags.get(NOTE, ""),
         )  # fmt: skip
 
 

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from pipeline.data.store import DatasetSpec
 
 __all__ = [
+    "NOTE",
     "EpochLogger",
     "Store",
     "TrackedRun",
@@ -57,6 +58,7 @@ __all__ = [
     "run_exists",
     "safe_params",
     "set_tags",
+    "training_runs_link",
     "ui_command",
 ]
 
@@ -128,6 +130,11 @@ def ui_command(store: Store, host: str, port: int) -> list[str]:
     if store.artifact_location:
         command += ["--default-artifact-root", store.artifact_location]
     return command
+
+
+def training_runs_link(ui_url: str) -> str:
+    """The MLflow UI's experiments, opened on their training runs (the UI's `workflowType` switch, GenAI by default)."""
+    return f"{ui_url.rstrip('/')}/#/experiments?workflowType=machine_learning"
 
 
 def check_store(store: Store) -> None:
@@ -220,6 +227,15 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# The run's description in the UI (Markdown): the command line that made it.
+NOTE = "mlflow.note.content"
+
+# What kind of experiment this is, in MLflow 3's own terms: training runs ("custom model development"), not
+# GenAI. The UI of MLflow 3.0-3.x read this tag to choose an experiment's view; newer UIs (3.17) choose it
+# from a switch in the browser, GenAI by default, which a link can set: training_runs_link.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(store: Store, name: str) -> str:
     """The experiment's id, created on first use (on the driver only: SQLite dislikes concurrent creators)."""
     from mlflow.exceptions import MlflowException
@@ -228,7 +244,7 @@ def experiment_id(store: Store, name: str) -> str:
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return mlflow_client.create_experiment(name, artifact_location=store.artifact_location)
+            return mlflow_client.create_experiment(name, artifact_location=store.artifact_location, tags=EXPERIMENT_KIND)
         except MlflowException:  # another process created it first
             experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is None or experiment.lifecycle_stage == "deleted":
@@ -236,6 +252,9 @@ def experiment_id(store: Store, name: str) -> str:
             f"tracking.experiment: the MLflow experiment {name!r} was deleted; restore it in the UI "
             f"(or `mlflow experiments restore`), or choose another name with tracking.experiment=..."
         )
+    for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag existed, or by someone else
+        if key not in experiment.tags:
+            mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
     return experiment.experiment_id
 
 

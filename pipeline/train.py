@@ -21,9 +21,9 @@ from pipeline.data.store import DatasetSpec
 from pipeline.errors import RunFailed
 from pipeline.execution import Execution, Trained, TrainingError, execute, plan_execution
 from pipeline.loop import EmitFn, Event
-from pipeline.redaction import redact
+from pipeline.redaction import invocation, redact
 from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run
-from pipeline.tracking import Store, TrackedRun, check_store, end_run, open_run, resolve_store, run_exists
+from pipeline.tracking import NOTE, Store, TrackedRun, check_store, end_run, open_run, resolve_store, run_exists
 
 __all__ = ["TrackingUnavailable", "TrainingResult", "nothing_new", "recording", "run_training"]
 
@@ -93,7 +93,7 @@ def _train(
         if on_event:
             on_event(event)
 
-    tags = {"run_key": plan.key, **execution.tags()}
+    tags = {"run_key": plan.key, NOTE: f"Made by `{invocation()}`", **execution.tags()}
     run = (
         open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags, parent_run_id=parent_run_id)
         if store

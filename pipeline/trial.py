@@ -19,7 +19,7 @@ from pipeline.data.store import DatasetSpec
 from pipeline.execution import Execution, build_trainer
 from pipeline.loop import EmitFn, ranking, run_worker, warner
 from pipeline.runs import begin_run, plan_run
-from pipeline.tracking import EpochLogger, Store, open_run
+from pipeline.tracking import NOTE, EpochLogger, Store, open_run
 
 __all__ = ["Emitter", "TaggedQueue", "TuneSession", "trial_config", "trial_driver"]
 
@@ -60,7 +60,8 @@ def trial_driver(
     spec = DatasetSpec.from_json(dataset)
     plan = plan_run(cfg, spec.data_hash, fresh=False)
     begin_run(plan, cfg)
-    tags = {"trial_id": trial_id, "run_key": plan.key, **{f"hp.{key}": str(value) for key, value in params.items()}}
+    note = f"Trial {trial_id} of search run {parent_run_id}, which records the command line."
+    tags = {"trial_id": trial_id, "run_key": plan.key, NOTE: note, **{f"hp.{key}": str(value) for key, value in params.items()}}
     run = open_run(Store(**store), cfg, spec, run_dir=plan.folder, fresh=False, tags=tags, parent_run_id=parent_run_id)
     queue.put_nowait({"event": "trial_start", "trial": trial_id, "params": params})
     tagged = TaggedQueue(queue, trial_id)

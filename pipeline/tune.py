@@ -34,11 +34,12 @@ from pipeline.config import ExperimentConfig, with_values
 from pipeline.data.store import DatasetSpec
 from pipeline.execution import Execution, TrainingError, execution_for, training_needs, trials_in_process
 from pipeline.loop import EmitFn
-from pipeline.redaction import safe_config
+from pipeline.redaction import invocation, safe_config
 from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run, run_folder
 from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, run_interruptibly
 from pipeline.space import Dimension
 from pipeline.tracking import (
+    NOTE,
     Store,
     TrackedRun,
     check_store,
@@ -149,7 +150,7 @@ def run_search(
     check_fits(needs, "lower scaling.num_workers or scaling.cpus_per_worker")
     concurrency = max_concurrent_trials(cfg, needs)
     tags = {"kind": "search", "run_key": plan.key, "scheduler": cfg.tune.scheduler, "search": cfg.tune.search,
-            "trial_runner": "in_process" if in_process else "workers"}  # fmt: skip
+            "trial_runner": "in_process" if in_process else "workers", NOTE: f"Made by `{invocation()}`"}  # fmt: skip
     with held(plan):
         begin_run(plan, cfg)
         parent = open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags)

@@ -288,7 +288,7 @@ def test_a_bad_job_spec_is_refused_before_submission(tmp_path: Path, edit: dict,
 
 
 def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
-    from pipeline.cluster import printable
+    from pipeline.redaction import printable
 
     shown = printable("python -m pipeline train conf/x.yaml tracking.uri=http://alice:pw1@host:5000 "
                       "model.kwargs.api_token=tok2 storage_path=s3://key:sec3@bucket/runs optim.lr=0.1")  # fmt: skip

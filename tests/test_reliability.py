@@ -292,8 +292,13 @@ def test_secrets_in_the_config_never_reach_mlflow_or_the_console(mlflow_server: 
     ]
     recorded[-1] = Path(recorded[-1]).read_text()
     version = client.get_model_version_by_alias("secretive", "champion")
-    recorded += list(version.tags.values())
+    described = version.description or ""
+    recorded += [*version.tags.values(), described, client.get_registered_model("secretive").description]
     assert run.data.params["model.kwargs.api_token"] == "***"
+    # The command line is the run's description and part of the version's, with its secrets hidden.
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("Made by `python -m pipeline train ") and "name=secretive" in note and "tracking.uri=http://***@" in note
+    assert note in described and run.info.run_id in described
     assert not [text for text in recorded if "hunter2" in text]
 
 

@@ -92,6 +92,12 @@ def test_a_worse_model_stays_challenger_and_a_better_one_takes_champion(
     assert third["value"] < third["champion_value"] == first["value"]
     model = client.get_registered_model("linear_champion")
     assert model.aliases == {"champion": third["version"], "challenger": second["version"]}
+    # Descriptions a person reads in the UI: the model's, and each version's metric and decision.
+    assert client.get_registered_model("linear_champion").description.startswith("linear_regression trained on linear by `pipeline`.")
+    described = client.get_model_version("linear_champion", second["version"]).description or ""
+    assert f"val_mse on the val split: {second['value']:.6g}" in described and "Registered as challenger: val_mse" in described
+    experiment = client.get_experiment_by_name("lin_good")
+    assert experiment is not None and experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # opens on runs
     tags = client.get_model_version("linear_champion", second["version"]).tags
     assert tags["decision"] == "challenger" and tags["metric"] == "val_mse"
     assert float(tags["metric_value"]) == second["value"]

@@ -101,6 +101,12 @@ def test_asha_stops_poor_trials_tracks_one_parent_four_children_and_registers_on
     assert [p.info.run_id for p in parents] == [result.mlflow_run_id]
     assert len(children) == 4 and {c.data.tags["trial_id"] for c in children} == {t.trial_id for t in result.trials}
     assert all(c.info.status == "FINISHED" and "hp.optim.lr" in c.data.tags for c in children)
+    # Descriptions: the search run's is the command line that made it; a trial's names its search run.
+    assert parents[0].data.tags["mlflow.note.content"].startswith("Made by `")
+    for child in children:
+        assert child.data.tags["mlflow.note.content"].startswith(
+            f"Trial {child.data.tags['trial_id']} of search run {result.mlflow_run_id}"
+        )
     for child in children:  # every epoch the trial ran, once
         trial = next(t for t in result.trials if t.trial_id == child.data.tags["trial_id"])
         assert metric_steps(client, child.info.run_id, "val_mse") == list(range(1, trial.epochs + 1))

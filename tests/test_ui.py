@@ -12,6 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import load_config
+from pipeline.tracking import training_runs_link
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, REPO, free_port, start_cli, stop_group, wait_for_http
 
@@ -55,6 +56,10 @@ def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
+        # The link `pipeline ui` prints: the experiments, with the UI's switch on "Model training", not GenAI.
+        page.goto(training_runs_link(url))
+        expect(page.get_by_role("link", name="ui_linear", exact=True)).to_be_visible(timeout=60_000)
+        assert "workflowType=machine_learning" in page.url
         page.goto(f"{url}/#/experiments/{experiment_id}/runs")
         run_link = page.locator(f'a[href*="{run_id}"]', has_text="ui_linear")  # the run's row in the table
         expect(run_link.first).to_be_visible(timeout=60_000)
@@ -64,12 +69,14 @@ def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:
         page.goto(f"{url}/#/models/ui_linear")
         expect(page.get_by_text("Version 1", exact=True)).to_be_visible(timeout=60_000)
         expect(page.get_by_text("@ champion")).to_be_visible()
-        expect(page.get_by_text("val_mse")).to_be_visible()  # the version's metric tag
+        expect(page.get_by_text("val_mse").first).to_be_visible()  # the version's metric tag
+        expect(page.get_by_text("linear_regression trained on linear by").first).to_be_visible()  # the model's description
         page.screenshot(path=SCREENSHOTS / "mlflow_ui_registered_model.png")
         browser.close()
     assert ui.poll() is None, "pipeline ui kept serving"
 
 
-def test_pipeline_ui_prints_the_local_url(served_store) -> None:
+def test_pipeline_ui_prints_the_local_url_and_the_training_runs_link(served_store) -> None:
     url, ui, *_ = served_store
     assert ui.stdout.readline().strip().endswith(f"at {url}  (Ctrl-C stops it)")
+    assert ui.stdout.readline().strip() == f"the training runs: {url}/#/experiments?workflowType=machine_learning"
