@@ -5,6 +5,7 @@
     pipeline tune conf/fashion_mnist_cnn.yaml tune.num_samples=8
     pipeline run conf/fashion_mnist_cnn.yaml            # search, then register (or retrain) the best
     pipeline ui
+    pipeline runs fashion_mnist_cnn                     # the tracked runs; `pipeline models` the registered versions
     pipeline submit jobs/linear_regression_smoke.yaml --address http://127.0.0.1:8265 --follow
     pipeline jobs status ID --address http://127.0.0.1:8265
     python -m pipeline train conf/linear_regression.yaml --output json
@@ -72,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1", help="address to bind; anything else than 127.0.0.1 exposes the UI")
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--verbose", action="store_true", help="show the server's own logs")
+    runs = commands.add_parser("runs", help="the tracked runs, newest first: status, epochs, metric, what differs (reads only)")
+    runs.add_argument("experiment", nargs="?", help="one experiment (default: every experiment)")
+    runs.add_argument("--limit", type=int, default=50, help="at most this many runs (default 50)")
+    models = commands.add_parser("models", help="registered models: versions, aliases, metric values, decisions (reads only)")
+    models.add_argument("name", nargs="?", help="one registered model (default: every one)")
+    for listing in (runs, models):
+        listing.add_argument("--output", choices=("text", "json"), default="text", help="json: one JSON list on stdout")
+        listing.add_argument("--verbose", action="store_true", help="show MLflow's own logs")
     submit = _cluster_command(commands, "submit", "submit a job spec (jobs/*.yaml) to a Ray cluster; prints the job id")
     submit.add_argument("job", help="job spec, e.g. jobs/fashion_mnist_cnn.yaml")
     submit.add_argument("overrides", nargs="*", metavar="key.path=value", help="appended to the spec's entrypoint overrides")
@@ -114,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not args.verbose:
         _quiet_libraries()
-    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "submit": _submit, "jobs": _jobs}
+    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "runs": _records, "models": _records,
+                "submit": _submit, "jobs": _jobs}  # fmt: skip
     try:
         return commands[args.command](args)
     except BadInput as err:  # the message names the key path, file or value, and the fix
@@ -167,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def json_line(result: dict) -> str:
+def json_line(result: object) -> str:
     """Strict JSON (RFC 8259): a NaN or infinite value is null, never the bare NaN that parsers refuse."""
 
     def finite(value: object) -> object:
@@ -213,6 +223,24 @@ def _predict(args: argparse.Namespace) -> int:
     check_out(args.out)
     check_store(resolve_store(None))  # a server that does not answer: said in 5 s, not after MLflow's minutes of retries
     write_table(predict_files(load_model(args.model), args.inputs), args.out)
+    return 0
+
+
+def _records(args: argparse.Namespace) -> int:
+    """`pipeline runs` and `pipeline models`: what the tracking store holds, as a table or JSON."""
+    from pipeline.console import print_models, print_runs
+    from pipeline.records import model_rows, run_rows
+    from pipeline.tracking import resolve_store
+
+    store = resolve_store(None)
+    if args.command == "runs":
+        rows, show = run_rows(store, args.experiment, args.limit), print_runs
+    else:
+        rows, show = model_rows(store, args.name), print_models
+    if args.output == "json":
+        print(json_line(rows))
+    else:
+        show(rows)
     return 0
 
 

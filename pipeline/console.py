@@ -13,7 +13,7 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["TrainingDisplay", "TrialTable", "format_metrics", "print_search", "print_summary"]
+__all__ = ["TrainingDisplay", "TrialTable", "format_metrics", "print_models", "print_runs", "print_search", "print_summary"]
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -170,3 +170,35 @@ def print_search(summary: dict[str, Any], console: Console | None = None) -> Non
     console.print(table)
     if registration := summary.get("registration"):
         console.print(f"registered {registration['name']} version {registration['version']} @{registration['alias']}")
+
+
+def print_runs(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """`pipeline runs`: one row per run, newest first, with the hyperparameters that differ between them."""
+    console = console or Console()
+    keys = sorted({k for row in rows for k in row["params"]})
+    table = Table(title=f"{len(rows)} run{'s' if len(rows) != 1 else ''}, newest first")
+    for column in ("run", "experiment", "status", "epochs", "metric", "value", "test", *keys, "started"):
+        table.add_column(column)
+    for row in rows:
+        cells = [row["run_id"][:8], row["experiment"], row["status"], _cell(row["epochs"]), _cell(row["metric"])]
+        cells += [
+            _cell(row["value"]),
+            _cell(row["test_value"]),
+            *[_cell(row["params"].get(k)) for k in keys],
+            row["started"][:16].replace("T", " "),
+        ]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def print_models(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    """`pipeline models`: one row per registered version, with its aliases, its measure and why it got them."""
+    console = console or Console()
+    table = Table(title=f"{len(rows)} registered version{'s' if len(rows) != 1 else ''}")
+    for column in ("model", "version", "aliases", "metric", "split", "value", "decision: why", "run"):
+        table.add_column(column)
+    for row in rows:
+        why = f"{row['decision']}: {row['reason']}" if row["decision"] else "-"
+        table.add_row(row["model"], str(row["version"]), ", ".join(f"@{a}" for a in row["aliases"]) or "-", _cell(row["metric"]),
+                      _cell(row["split"]), _cell(row["value"]), why, (row["run_id"] or "-")[:8])  # fmt: skip
+    console.print(table)
