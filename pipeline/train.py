@@ -20,6 +20,7 @@ from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data.store import DatasetSpec
 from pipeline.errors import RunFailed
 from pipeline.execution import Execution, Trained, TrainingError, execute, plan_execution
+from pipeline.lineage import log_datasets
 from pipeline.loop import EmitFn, Event
 from pipeline.redaction import invocation, redact
 from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run
@@ -100,6 +101,8 @@ def _train(
         else None
     )
     with recording(run):
+        if run:
+            log_datasets(run, cfg, spec)
         trained = execute(cfg, spec, plan.folder, execution, collect, run)
         return _conclude(cfg, spec, plan, trained, history, run, store, register)
 

@@ -17,6 +17,7 @@ from pipeline.checkpoints import LocalSession
 from pipeline.config import ExperimentConfig, with_values
 from pipeline.data.store import DatasetSpec
 from pipeline.execution import Execution, build_trainer
+from pipeline.lineage import log_datasets
 from pipeline.loop import EmitFn, ranking, run_worker, warner
 from pipeline.runs import begin_run, plan_run
 from pipeline.tracking import NOTE, EpochLogger, Store, open_run
@@ -63,6 +64,7 @@ def trial_driver(
     note = f"Trial {trial_id} of search run {parent_run_id}, which records the command line."
     tags = {"trial_id": trial_id, "run_key": plan.key, NOTE: note, **{f"hp.{key}": str(value) for key, value in params.items()}}
     run = open_run(Store(**store), cfg, spec, run_dir=plan.folder, fresh=False, tags=tags, parent_run_id=parent_run_id)
+    log_datasets(run, cfg, spec)
     queue.put_nowait({"event": "trial_start", "trial": trial_id, "params": params})
     tagged = TaggedQueue(queue, trial_id)
     if execution.in_process:

@@ -335,3 +335,29 @@ def test_the_embedded_default_store_serves_ray_workers_and_tables_downstream(
     assert from_cli["input"].tolist() == ["points.csv:0", "points.csv:1", "points.csv:2"]
     assert from_cli["class_index"].tolist() == from_pyfunc["class_index"].tolist()
     assert from_cli["label"].tolist() == [("outside", "inside")[i] for i in from_pyfunc["class_index"]]  # the circles' classes
+
+
+def test_a_run_logs_the_splits_it_uses_as_mlflow_datasets(data_root: Path, tmp_path: Path) -> None:
+    cfg = load_config(CONF_DIR / "mnist_mlp.yaml", tiny(data_root, tmp_path, "name=lineage", "scaling.num_workers=0", "data.limit=64"))
+    result = run_training(cfg, register=False)
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run = client.get_run(str(result.mlflow_run_id))
+    assert run.inputs is not None
+    logged = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): (
+            d.dataset.name,
+            d.dataset.digest,
+            json.loads(d.dataset.profile or "null"),
+        )
+        for d in run.inputs.dataset_inputs
+    }
+    digest = run.data.tags["data_hash"][:16]  # the Parquet manifest's content hash
+    assert logged == {
+        "training": ("mnist-train", digest, {"num_rows": 64}),
+        "validation": ("mnist-val", digest, {"num_rows": 64}),
+        "test": ("mnist-test", digest, {"num_rows": 64}),
+    }
+    again = run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})}), register=False)  # resumes
+    assert again.mlflow_run_id == result.mlflow_run_id
+    rerun = client.get_run(str(result.mlflow_run_id)).inputs
+    assert rerun is not None and len(rerun.dataset_inputs) == 3, "a resumed run logs its data sets once"

@@ -64,6 +64,7 @@ def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:
         run_link = page.locator(f'a[href*="{run_id}"]', has_text="ui_linear")  # the run's row in the table
         expect(run_link.first).to_be_visible(timeout=60_000)
         expect(page.get_by_text("1 matching run")).to_be_visible()
+        expect(page.get_by_text("linear-train").first).to_be_visible()  # the data set it trained on (lineage.log_datasets)
         page.screenshot(path=SCREENSHOTS / "mlflow_ui_runs.png")
 
         page.goto(f"{url}/#/models/ui_linear")

@@ -44,6 +44,7 @@ __all__ = [
     "load_test_split",
     "materialize",
     "shard_indices",
+    "split_sizes",
     "streaming_datasets",
     "train_rows",
     "val_rows",
@@ -250,6 +251,15 @@ def train_rows(spec: DatasetSpec, cfg: DataConfig) -> int:
     """How many rows the train split has, after the val carve-out and `limit`."""
     rows = spec.rows["train"] - val_rows(spec.rows["train"], cfg.val_fraction)
     return min(rows, cfg.limit or rows)
+
+
+def split_sizes(spec: DatasetSpec, cfg: DataConfig) -> dict[str, int]:
+    """The rows a run trains, validates and tests on (after the val carve-out and `limit`); splits it lacks are left out."""
+    limit = cfg.limit or max(spec.rows.values())
+    sizes = {"train": train_rows(spec, cfg), "val": min(val_rows(spec.rows["train"], cfg.val_fraction), limit)}
+    if "test" in spec.rows:
+        sizes["test"] = min(spec.rows["test"], limit)
+    return {split: rows for split, rows in sizes.items() if rows > 0}
 
 
 def val_rows(train_rows: int, val_fraction: float) -> int:
