@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
@@ -352,10 +353,14 @@ def test_a_run_logs_the_splits_it_uses_as_mlflow_datasets(data_root: Path, tmp_p
         for d in run.inputs.dataset_inputs
     }
     digest = run.data.tags["data_hash"][:16]  # the Parquet manifest's content hash
+    # The rows each split holds, from the Parquet files: val is carved out of train.parquet, then limit=64.
+    folder = data_root / "parquet" / "mnist"
+    in_train, in_test = (pq.ParquetFile(folder / f"{split}.parquet").metadata.num_rows for split in ("train", "test"))
+    held_out = round(in_train * cfg.data.val_fraction)
     assert logged == {
-        "training": ("mnist-train", digest, {"num_rows": 64}),
-        "validation": ("mnist-val", digest, {"num_rows": 64}),
-        "test": ("mnist-test", digest, {"num_rows": 64}),
+        "training": ("mnist-train", digest, {"num_rows": min(in_train - held_out, 64)}),
+        "validation": ("mnist-val", digest, {"num_rows": min(held_out, 64)}),
+        "test": ("mnist-test", digest, {"num_rows": min(in_test, 64)}),
     }
     again = run_training(cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 2})}), register=False)  # resumes
     assert again.mlflow_run_id == result.mlflow_run_id
