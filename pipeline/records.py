@@ -30,12 +30,7 @@ class NotFound(BadInput):
 def run_rows(store: Store, experiment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """The newest `limit` runs of `experiment` (else of every experiment), with the hyperparameters that differ."""
     mlflow_client = _reader(store)
-    experiments = mlflow_client.search_experiments()
-    if experiment is not None:
-        experiments = [e for e in experiments if e.name == experiment]
-        if not experiments:
-            known = ", ".join(sorted(e.name for e in mlflow_client.search_experiments())) or "none"
-            raise NotFound(f"no experiment {experiment!r} in {redact(store.uri)}; the experiments: {known}")
+    experiments = _named(mlflow_client.search_experiments(), experiment, "experiment", store)
     runs = mlflow_client.search_runs([e.experiment_id for e in experiments], max_results=limit, order_by=["attributes.start_time DESC"])
     names = {e.experiment_id: e.name for e in experiments}
     differing = _differing_params([run.data.params for run in runs])
@@ -45,12 +40,7 @@ def run_rows(store: Store, experiment: str | None = None, limit: int = 50) -> li
 def model_rows(store: Store, name: str | None = None) -> list[dict[str, Any]]:
     """Every version of the registered model `name` (else of every registered model), newest first."""
     mlflow_client = _reader(store)
-    models = mlflow_client.search_registered_models()
-    if name is not None:
-        models = [m for m in models if m.name == name]
-        if not models:
-            known = ", ".join(sorted(m.name for m in mlflow_client.search_registered_models())) or "none"
-            raise NotFound(f"no registered model {name!r} in {redact(store.uri)}; the registered models: {known}")
+    models = _named(mlflow_client.search_registered_models(), name, "registered model", store)
     rows = []
     for model in sorted(models, key=lambda m: m.name):
         aliases: dict[str, list[str]] = {}
@@ -60,6 +50,17 @@ def model_rows(store: Store, name: str | None = None) -> list[dict[str, Any]]:
         for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
             rows.append(_version_row(model.name, version, sorted(aliases.get(str(version.version), []))))
     return rows
+
+
+def _named(items: list[Any], name: str | None, what: str, store: Store) -> list[Any]:
+    """All `items` (experiments or registered models), or the one called `name`; NotFound lists those there are."""
+    if name is None:
+        return items
+    chosen = [item for item in items if item.name == name]
+    if not chosen:
+        known = ", ".join(sorted(item.name for item in items)) or "none"
+        raise NotFound(f"no {what} {name!r} in {redact(store.uri)}; the {what}s: {known}")
+    return chosen
 
 
 def _reader(store: Store) -> Any:
