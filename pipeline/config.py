@@ -195,6 +195,8 @@ class TrackingConfig(_Section):
     experiment: str | None = None
     register_as: str | None = None
     uri: str | None = None
+    system_metrics: bool = True  # CPU, memory, disk, network, GPU of each node, logged while a training run trains
+    system_metrics_interval_s: float = Field(5.0, gt=0, description="seconds between system metric samples")
 
     @field_validator("register_as")
     @classmethod

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pipeline.data.store import DatasetSpec, decoded_mb, streaming_datasets
 from pipeline.errors import RunFailed
 from pipeline.loop import EmitFn, ranking, run_worker, warner
 from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
+from pipeline.system_metrics import monitoring, node_name
 from pipeline.tracking import EpochLogger, TrackedRun
 
 __all__ = [
@@ -154,7 +156,8 @@ def _run_in_process(
     metric, mode = ranking(cfg, spec)
     session = LocalSession(Path(folder), keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
     try:
-        run_worker(cfg, spec, session, emit, EpochLogger(run, warner(emit)) if run else None)
+        with monitoring(run, cfg.tracking):
+            run_worker(cfg, spec, session, emit, EpochLogger(run, warner(emit)) if run else None)
     except Exception as err:  # as on Ray: the training's own error, named as the worker's
         raise TrainingError(f"worker 0: {type(err).__name__}: {err}") from err
     best = session.best_checkpoint()
@@ -167,7 +170,7 @@ def _run_on_ray(
     from ray.train import TrainingFailedError
 
     with event_pump(emit) as queue:
-        trainer = build_trainer(cfg, spec, folder, execution, progress_queue=queue, tracking=run)
+        trainer = build_trainer(cfg, spec, folder, execution, progress_queue=queue, tracking=run, system_metrics=True)
         try:
             result = run_interruptibly(trainer.fit, ResourceWatch(emit, cfg.scaling.resource_wait_s))
         except TrainingFailedError as err:
@@ -202,11 +205,13 @@ def build_trainer(
     progress_queue: Any = None,
     callbacks: list | None = None,
     tracking: TrackedRun | None = None,
+    system_metrics: bool = False,
 ) -> Any:
     """The one TorchTrainer of the project: training and every Tune trial on workers are built here.
 
     `folder`: the run's own folder (runs.RunPlan.folder), where Ray keeps its checkpoints and finds them
-    again on resume. `tracking`: the MLflow run that rank 0 logs each epoch to (None: not tracked)."""
+    again on resume. `tracking`: the MLflow run that rank 0 logs each epoch to (None: not tracked), and,
+    with `system_metrics`, each node's local rank 0 its node's figures (system_metrics.py)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -223,6 +228,7 @@ def build_trainer(
             "progress_queue": progress_queue,
             "driver_cwd": os.getcwd(),
             "tracking": tracking.to_json() if tracking else None,
+            "system_metrics": system_metrics,
             "streaming": execution.streaming,
         },
         datasets=streaming_datasets(spec, cfg.data, cfg.seed) if execution.streaming else None,
@@ -256,7 +262,20 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     cfg = ExperimentConfig.model_validate(config["experiment"])
     run = config.get("tracking")
     log_epoch = EpochLogger(TrackedRun.from_json(run), warner(emit)) if run and session.rank == 0 else None  # only rank 0 logs
-    run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch, streaming=config.get("streaming", False))
+    with _node_monitor(config, session):
+        run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch, streaming=config.get("streaming", False))
+
+
+def _node_monitor(config: dict[str, Any], session: RaySession) -> AbstractContextManager[None]:
+    """This node's system metrics, logged by one worker per node (its local rank 0)."""
+    import ray.train
+
+    context = ray.train.get_context()
+    if not config.get("system_metrics") or not config.get("tracking") or context.get_local_rank() != 0:
+        return nullcontext()
+    cfg = ExperimentConfig.model_validate(config["experiment"]).tracking
+    node = node_name(context.get_node_rank(), session.world_size, context.get_local_world_size())
+    return monitoring(TrackedRun.from_json(config["tracking"]), cfg, node)
 
 
 def trials_in_process(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:

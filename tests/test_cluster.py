@@ -152,6 +152,7 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
     submitted = run_cli(
         "submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_smoke",
         "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or the job waits
+        "tracking.system_metrics_interval_s=0.2",  # samples within the job's seconds of training
         "--address", cluster.address, "--follow", env=_job_env(cluster, mlflow_server),
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
@@ -168,6 +169,10 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
     # Rank 0 logged every epoch from wherever it ran, through the runtime env's MLFLOW_TRACKING_URI.
     assert metric_steps(client, summary["mlflow_run_id"], "val_mse") == [1, 2]
     assert client.get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
+    # The machine's figures, once: both Ray nodes here share one address, so Ray Train counts one node with
+    # local ranks 0 and 1, and local rank 0 monitors it. (Machines of their own: system/node_N/..., below.)
+    logged = client.get_run(summary["mlflow_run_id"]).data.metrics
+    assert "system/cpu_utilization_percentage" in logged and not [key for key in logged if key.startswith("system/node_")]
 
     # Checkpoints are on the shared storage, where the job's overrides put them.
     folder = run_dir(cluster.shared / "runs", "cluster_smoke")

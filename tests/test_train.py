@@ -186,3 +186,25 @@ def test_a_module_that_views_nhwc_activations_is_refused_with_train_channels_las
     with pytest.raises(ConfigError, match=r"model.name: viewing_net:ViewingNet .*train.channels_last=false"):
         check_training(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", overrides))  # the conf sets channels_last
     assert check_training(load_config(CONF_DIR / "fashion_mnist_cnn.yaml", [*overrides, "train.channels_last=false"])).is_image
+
+
+def test_a_training_run_logs_its_machines_system_metrics_unless_turned_off(tmp_path: Path) -> None:
+    common = [f"storage_path={tmp_path}", f"data.root={tmp_path}", "data.num_samples=20000", "train.epochs=2"]
+    monitored = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*common, "tracking.system_metrics_interval_s=0.2"]))
+    quiet = run_training(load_config(CONF_DIR / "linear_regression.yaml", [*common, "name=quiet", "tracking.system_metrics=false"]))
+
+    assert monitored.mlflow_run_id is not None and quiet.mlflow_run_id is not None  # tracked
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    logged = client.get_run(monitored.mlflow_run_id).data.metrics
+    for key in ("cpu_utilization_percentage", "system_memory_usage_megabytes", "disk_usage_percentage", "network_receive_megabytes"):
+        assert f"system/{key}" in logged, key  # on one machine: no node name in the key
+    assert 0 < logged["system/system_memory_usage_megabytes"] < 1e7
+    assert len(metric_steps(client, monitored.mlflow_run_id, "system/cpu_utilization_percentage")) >= 2  # sampled as it trained
+    assert not [key for key in client.get_run(quiet.mlflow_run_id).data.metrics if key.startswith("system/")]
+
+
+def test_system_metrics_name_the_node_only_where_a_run_spans_several() -> None:
+    from pipeline.system_metrics import node_name
+
+    assert node_name(node_rank=0, world_size=2, local_world_size=2) is None  # one node: system/cpu_...
+    assert [node_name(rank, world_size=4, local_world_size=2) for rank in (0, 1)] == ["node_0", "node_1"]  # system/node_1/cpu_...

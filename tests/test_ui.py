@@ -32,7 +32,16 @@ def served_store(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI")
         patch.chdir(folder)
-        cfg = load_config(CONF_DIR / "linear_regression.yaml", ["name=ui_linear", "scaling.num_workers=0", "train.epochs=2"])
+        cfg = load_config(
+            CONF_DIR / "linear_regression.yaml",
+            [
+                "name=ui_linear",
+                "scaling.num_workers=0",
+                "train.epochs=2",
+                "data.num_samples=20000",
+                "tracking.system_metrics_interval_s=0.2",
+            ],
+        )  # a few seconds of training: system metrics sampled meanwhile
         result = run_training(cfg)
         assert result.mlflow_run_id is not None  # tracked
         experiment_id = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").get_run(result.mlflow_run_id).info.experiment_id
@@ -67,12 +76,24 @@ def test_the_ui_shows_the_run_and_the_champion(served_store) -> None:
         expect(page.get_by_text("linear-train").first).to_be_visible()  # the data set it trained on (lineage.log_datasets)
         page.screenshot(path=SCREENSHOTS / "mlflow_ui_runs.png")
 
+        page.goto(f"{url}/#/experiments/{experiment_id}/runs/{run_id}/system-metrics")  # the run page's System metrics tab
+        # Charts titled by metric (the first screenful of them; the page draws the rest as one scrolls).
+        expect(page.get_by_role("heading", name="cpu_utilization_percentage")).to_be_visible(timeout=60_000)
+        expect(page.get_by_role("heading", name="network_receive_megabytes")).to_be_visible()
+        expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=60_000)  # a chart drawn, not its spinner
+        page.screenshot(path=SCREENSHOTS / "mlflow_ui_system_metrics.png")
+
         page.goto(f"{url}/#/models/ui_linear")
         expect(page.get_by_text("Version 1", exact=True)).to_be_visible(timeout=60_000)
         expect(page.get_by_text("@ champion")).to_be_visible()
         expect(page.get_by_text("val_mse").first).to_be_visible()  # the version's metric tag
         expect(page.get_by_text("linear_regression trained on linear by").first).to_be_visible()  # the model's description
         page.screenshot(path=SCREENSHOTS / "mlflow_ui_registered_model.png")
+
+        page.goto(f"{url}/#/models/ui_linear/versions/1")  # the version's description: its run, metric and decision
+        expect(page.get_by_text("Registered as champion").first).to_be_visible(timeout=60_000)
+        expect(page.get_by_text("val_mse on the val split").first).to_be_visible()
+        page.screenshot(path=SCREENSHOTS / "mlflow_ui_model_version.png")
         browser.close()
     assert ui.poll() is None, "pipeline ui kept serving"
 
