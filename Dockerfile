@@ -35,8 +35,8 @@ COPY pyproject.toml README.md ./
 COPY pipeline/ pipeline/
 COPY conf/ conf/
 COPY jobs/ jobs/
-# [cluster]: psycopg2 and boto3, for the MLflow server's PostgreSQL store and S3 artifacts.
-RUN pip install --no-cache-dir ".[cluster]" "ray[default,train,tune]==${RAY_VERSION}" \
+# [cluster]: psycopg (3) and boto3, for the MLflow server's PostgreSQL store and S3 artifacts.
+RUN pip install --no-cache-dir ".[cluster]" "ray[default,train,tune,serve]==${RAY_VERSION}" \
     && rm -rf build pipeline.egg-info
 
 USER 1000:1000

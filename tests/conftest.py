@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.standin import write_cifar10, write_mnist_like
-from tests.helpers import free_port, start_mlflow_server, stop_group
+from tests.helpers import Stack, free_port, start_mlflow_on_stack, start_mlflow_server, start_postgres, start_s3, stop_group
 
 # What these fixtures start, and the marker (pyproject.toml) a test that takes one must carry: without it,
 # the test would run in the fast tier, `-m "not (ray or workers or cluster or mlflow_server or browser)"`.
-FIXTURE_MARKERS = {"ray_local": "ray", "mlflow_server": "mlflow_server", "cluster": "cluster"}
+FIXTURE_MARKERS = {"ray_local": "ray", "mlflow_server": "mlflow_server", "production_stack": "mlflow_server", "cluster": "cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -49,6 +52,31 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop_group(server)
+
+
+@pytest.fixture(scope="session")
+def production_stack() -> Iterator[Stack]:
+    """MLflow as k8s/ deploys it: `mlflow server` on a real PostgreSQL, artifacts in an S3-compatible bucket
+    (moto's HTTP server), all on 127.0.0.1 (about 15 s)."""
+    # Not pytest's temp dir: PostgreSQL runs as its own user, who cannot enter root's private folders.
+    root = Path(tempfile.mkdtemp(prefix="stack", dir="/tmp"))
+    root.chmod(0o711)  # PostgreSQL's user may pass through to its own folder, and list nothing
+    (root / "pg").mkdir()
+    pg_port, s3_port, port = free_port(), free_port(), free_port()
+    password = secrets.token_hex(8)
+    servers: dict = {}
+    try:
+        servers["postgres"] = start_postgres(root / "pg", pg_port, password)
+        servers["s3"] = start_s3(s3_port, "mlflow")
+        stack = Stack(f"http://127.0.0.1:{port}", f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow",
+                      f"http://127.0.0.1:{s3_port}", "mlflow", servers)  # fmt: skip
+        env = {**os.environ, **stack.s3_env()}
+        servers["mlflow"] = start_mlflow_on_stack(root, port, stack.backend_uri, "s3://mlflow/artifacts", env)
+        yield stack
+    finally:
+        for server in reversed(servers.values()):  # MLflow first: PostgreSQL's shutdown waits for its clients
+            stop_group(server)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

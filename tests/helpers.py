@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -138,6 +139,80 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
     except BaseException:
         stop_group(server)
         raise
+    return server
+
+
+@dataclass
+class Stack:
+    """The production tracking stack on 127.0.0.1: `mlflow server` on PostgreSQL, artifacts in an S3 bucket."""
+
+    tracking_uri: str
+    backend_uri: str  # postgresql://mlflow:PASSWORD@127.0.0.1:PORT/mlflow
+    s3_endpoint: str
+    bucket: str
+    servers: dict[str, subprocess.Popen]  # postgres, s3, mlflow
+
+    def s3_env(self) -> dict[str, str]:
+        """What boto3, pyarrow and MLflow read to reach the bucket (the standard AWS variables)."""
+        return {"AWS_ENDPOINT_URL": self.s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": "test-key",
+                "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+
+def start_postgres(root: Path, port: int, password: str) -> subprocess.Popen:
+    """Debian's PostgreSQL on 127.0.0.1:port, a cluster of its own in `root` with the database `mlflow`
+    (user `mlflow`, password authentication). As root, it runs as the `postgres` user, which it requires."""
+    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps them off PATH
+    assert binaries, "PostgreSQL is installed (.ci/run installs Debian's postgresql)"
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    (root / "password").write_text(password)
+    if as_owner:
+        subprocess.run(["chown", "-R", "postgres", str(root)], check=True)
+    data = root / "data"
+    subprocess.run([*as_owner, str(binaries[-1] / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=scram-sha-256",
+                    f"--pwfile={root / 'password'}"], check=True, capture_output=True)  # fmt: skip
+    server = subprocess.Popen(
+        [*as_owner, str(binaries[-1] / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root), "-c", "listen_addresses=127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    env = {**os.environ, "PGPASSWORD": password}
+    deadline = time.monotonic() + 60
+    while subprocess.run([str(binaries[-1] / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
+        if server.poll() is not None or time.monotonic() > deadline:
+            stop_group(server)
+            raise RuntimeError(f"PostgreSQL did not start on port {port}")
+        time.sleep(0.3)
+    subprocess.run([str(binaries[-1] / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], env=env, check=True)
+    return server
+
+
+def start_s3(port: int, bucket: str) -> subprocess.Popen:
+    """An S3-compatible HTTP endpoint on 127.0.0.1:port (moto's server; MinIO has no package here) with one bucket."""
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/{bucket}", method="PUT")  # no credentials are checked
+        urllib.request.urlopen(request, timeout=10).close()
+    except BaseException:
+        stop_group(server)
+        raise
+    return server
+
+
+def start_mlflow_on_stack(root: Path, port: int, backend: str, artifacts: str, env: dict[str, str]) -> subprocess.Popen:
+    """`mlflow server` with a PostgreSQL backend store and artifacts in an S3 bucket, served through it
+    (--serve-artifacts: clients need no S3 credentials), as k8s/base/mlflow.yaml runs it."""
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--serve-artifacts",
+    ]  # fmt: skip
+    with (root / "mlflow.log").open("w") as log:
+        server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, timeout_s=120)  # creates the tables first
+    except Exception as err:
+        stop_group(server)
+        raise RuntimeError(f"mlflow server on the stack did not start: {(root / 'mlflow.log').read_text()[-3000:]}") from err
     return server
 
 

@@ -2,7 +2,8 @@
 
 The cluster is two `ray start --block` processes on 127.0.0.1 (a head and a second node with its own
 temp dir, as a second machine would have), with Ray's token authentication on, and the jobs log to a real
-`mlflow server` on 127.0.0.1. Nothing is mocked: the job uploads this checkout as its working directory.
+`mlflow server` on 127.0.0.1: the smoke job to one on PostgreSQL with artifacts in an S3 bucket, as k8s/
+deploys it. Nothing is mocked: the job uploads this checkout as its working directory.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline.cluster import load_job
-from tests.helpers import REPO, free_port, metric_steps, mlflow_client, run_cli, run_dir
+from pipeline.registry import load_model
+from tests.helpers import REPO, Stack, free_port, metric_steps, mlflow_client, run_cli, run_dir
 
 JOBS_DIR = REPO / "jobs"
 NODE_CPUS = 2
@@ -140,6 +143,15 @@ def _job_env(cluster: Cluster, mlflow_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
+def _bucket_keys(stack: Stack, containing: str) -> list[str]:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1", aws_access_key_id="test-key",
+                      aws_secret_access_key="test-secret")  # fmt: skip
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket)
+    return [item["Key"] for page in pages for item in page.get("Contents", []) if containing in item["Key"]]
+
+
 def _last_json(text: str) -> dict:
     """The job's own `--output json` line, among the job's log lines that `--follow` streams to stdout."""
     return json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
@@ -148,7 +160,9 @@ def _last_json(text: str) -> dict:
 @pytest.mark.cluster
 @pytest.mark.workers
 @pytest.mark.mlflow_server
-def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlflow_server: str) -> None:
+def test_smoke_job_trains_across_both_nodes_and_registers_on_the_production_stack(cluster: Cluster, production_stack: Stack) -> None:
+    # The tracking stack k8s/ deploys: the MLflow server on PostgreSQL, the model's artifacts in an S3 bucket.
+    mlflow_server = production_stack.tracking_uri
     submitted = run_cli(
         "submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_smoke",
         "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or the job waits
@@ -178,6 +192,11 @@ def test_smoke_job_trains_across_both_nodes_and_registers(cluster: Cluster, mlfl
     folder = run_dir(cluster.shared / "runs", "cluster_smoke")
     assert sorted(p.name for p in folder.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=0001", "checkpoint_epoch=0002"]
     assert summary["checkpoint"].startswith(str(folder))
+
+    # The registered model loads back through the server, its weights read from the bucket: y = 2 x0 - 3.4 x1 + 4.2.
+    predicted = load_model("cluster_smoke@champion", tracking_uri=mlflow_server).predict_table(np.array([[1.0, 1.0]], dtype=np.float32))
+    assert predicted["value"][0] == pytest.approx(2.0 - 3.4 + 4.2, abs=0.3)
+    assert _bucket_keys(production_stack, "/weights.pt")  # the model's files are in S3, not on a disk
 
     # Two DDP workers, one on each node.
     ray_job_id = cluster.api(f"/api/jobs/{job_id}")["job_id"]
