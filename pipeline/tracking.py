@@ -14,7 +14,6 @@ continues the same MLflow run, and an epoch already logged is not logged again.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -26,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
+from pipeline.access import check_access, server_request
 from pipeline.config import ConfigError, ExperimentConfig, config_hash, flatten
 from pipeline.redaction import redact, safe_config
 
@@ -142,15 +141,16 @@ def check_store(store: Store) -> None:
     where = f"{store.source}={redact(store.uri)}" if store.source != "default" else redact(store.uri)
     if store.is_server:
         try:
-            urllib.request.urlopen(_health_request(store.uri), timeout=HEALTH_TIMEOUT_S).close()
+            urllib.request.urlopen(server_request(store.uri, "/health"), timeout=HEALTH_TIMEOUT_S).close()
         except urllib.error.HTTPError:
-            return  # it answered: a server is there (it may want credentials on other paths)
+            pass  # it answered: a server is there
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise ConfigError(
                 f"tracking: cannot reach the MLflow server at {where} ({reason}); start it "
                 f"(`mlflow server --host 127.0.0.1 --port 5000`) or point MLFLOW_TRACKING_URI / tracking.uri elsewhere"
             ) from None
+        check_access(store.uri, where)  # with authentication on: credentials refused now, not at the run's first write
     elif store.uri.startswith("sqlite:///"):
         folder = Path(store.uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
@@ -166,17 +166,6 @@ def _create_sqlite_store(store: Store) -> None:
     with open(f"{store.uri.removeprefix('sqlite:///')}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         client(store.uri).search_experiments(max_results=1)
-
-
-def _health_request(uri: str) -> urllib.request.Request:
-    """GET <server>/health; credentials in the URI become a Basic auth header (urllib takes none in the host)."""
-    parts = urlsplit(uri.rstrip("/"))
-    plain = urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
-    request = urllib.request.Request(f"{plain}/health")
-    if parts.username is not None:
-        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    return request
 
 
 def git_commit() -> str:

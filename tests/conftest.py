@@ -57,7 +57,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def production_stack() -> Iterator[Stack]:
     """MLflow as k8s/ deploys it: `mlflow server` on a real PostgreSQL, artifacts in an S3-compatible bucket
-    (moto's HTTP server), all on 127.0.0.1 (about 15 s)."""
+    (moto's HTTP server), authentication on (user admin: Stack.credentials()), all on 127.0.0.1 (about 15 s)."""
     # Not pytest's temp dir: PostgreSQL runs as its own user, who cannot enter root's private folders.
     root = Path(tempfile.mkdtemp(prefix="stack", dir="/tmp"))
     root.chmod(0o711)  # PostgreSQL's user may pass through to its own folder, and list nothing
@@ -69,9 +69,8 @@ def production_stack() -> Iterator[Stack]:
         servers["postgres"] = start_postgres(root / "pg", pg_port, password)
         servers["s3"] = start_s3(s3_port, "mlflow")
         stack = Stack(f"http://127.0.0.1:{port}", f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow",
-                      f"http://127.0.0.1:{s3_port}", "mlflow", servers)  # fmt: skip
-        env = {**os.environ, **stack.s3_env()}
-        servers["mlflow"] = start_mlflow_on_stack(root, port, stack.backend_uri, "s3://mlflow/artifacts", env)
+                      f"http://127.0.0.1:{s3_port}", "mlflow", secrets.token_hex(8), servers)  # fmt: skip
+        servers["mlflow"] = start_mlflow_on_stack(root, port, stack)
         yield stack
     finally:
         for server in reversed(servers.values()):  # MLflow first: PostgreSQL's shutdown waits for its clients

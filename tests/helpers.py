@@ -127,13 +127,14 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 90) ->
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
-def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
-    """`mlflow server` on 127.0.0.1:port, its store and artifacts in `root` (the same root: the same runs)."""
+def start_mlflow_server(root: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`mlflow server` on 127.0.0.1:port, its store and artifacts in `root` (the same root: the same runs);
+    `extra`: more of its options (`--app-name basic-auth`)."""
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"), *extra,
     ]  # fmt: skip
-    server = subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
     except BaseException:
@@ -144,13 +145,19 @@ def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
 
 @dataclass
 class Stack:
-    """The production tracking stack on 127.0.0.1: `mlflow server` on PostgreSQL, artifacts in an S3 bucket."""
+    """The production tracking stack on 127.0.0.1: `mlflow server` on PostgreSQL with MLflow's basic-auth
+    app, artifacts in an S3 bucket."""
 
     tracking_uri: str
     backend_uri: str  # postgresql://mlflow:PASSWORD@127.0.0.1:PORT/mlflow
     s3_endpoint: str
     bucket: str
+    admin_password: str  # of the server's user `admin`
     servers: dict[str, subprocess.Popen]  # postgres, s3, mlflow
+
+    def credentials(self) -> dict[str, str]:
+        """What MLflow's client (and `pipeline`) reads to sign in."""
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.admin_password}
 
     def s3_env(self) -> dict[str, str]:
         """What boto3, pyarrow and MLflow read to reach the bucket (the standard AWS variables)."""
@@ -199,12 +206,16 @@ def start_s3(port: int, bucket: str) -> subprocess.Popen:
     return server
 
 
-def start_mlflow_on_stack(root: Path, port: int, backend: str, artifacts: str, env: dict[str, str]) -> subprocess.Popen:
-    """`mlflow server` with a PostgreSQL backend store and artifacts in an S3 bucket, served through it
-    (--serve-artifacts: clients need no S3 credentials), as k8s/base/mlflow.yaml runs it."""
+def start_mlflow_on_stack(root: Path, port: int, stack: Stack) -> subprocess.Popen:
+    """`mlflow server` as k8s/base/mlflow.yaml runs it: PostgreSQL backend store (the auth app's users in
+    the same database), artifacts in the S3 bucket served through it (--serve-artifacts: clients need no S3
+    credentials), MLflow's basic-auth app with the admin's password from the environment."""
+    (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {stack.backend_uri}\nadmin_username = admin\n")
+    env = {**os.environ, **stack.s3_env(), "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": stack.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.admin_password[::-1]}  # fmt: skip
     command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--serve-artifacts",
+        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--app-name", "basic-auth",
+        "--backend-store-uri", stack.backend_uri, "--artifacts-destination", f"s3://{stack.bucket}/artifacts", "--serve-artifacts",
     ]  # fmt: skip
     with (root / "mlflow.log").open("w") as log:
         server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -97,12 +97,15 @@ def _wait_for_nodes(cluster: Cluster, nodes: list[subprocess.Popen], timeout_s: 
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
-    """A head and a second node, each with 2 logical CPUs, token authentication on (about 20 s)."""
+def cluster(production_stack: Stack) -> Iterator[Cluster]:
+    """A head and a second node, each with 2 logical CPUs, token authentication on (about 20 s).
+
+    Its processes hold the production stack's MLflow credentials, as k8s/ gives them to the Ray pods from
+    a Secret (never in a job's runtime_env, which the dashboard shows)."""
     # Short paths: Ray's Unix sockets live under the temp dir, and socket paths are limited to ~100 bytes.
     root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     token = secrets.token_hex(16)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **production_stack.credentials(),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = _fixed_port(), _fixed_port()
@@ -160,9 +163,14 @@ def _last_json(text: str) -> dict:
 @pytest.mark.cluster
 @pytest.mark.workers
 @pytest.mark.mlflow_server
-def test_smoke_job_trains_across_both_nodes_and_registers_on_the_production_stack(cluster: Cluster, production_stack: Stack) -> None:
-    # The tracking stack k8s/ deploys: the MLflow server on PostgreSQL, the model's artifacts in an S3 bucket.
+def test_smoke_job_trains_across_both_nodes_and_registers_on_the_production_stack(
+    cluster: Cluster, production_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tracking stack k8s/ deploys: the MLflow server on PostgreSQL with authentication, the model's
+    # artifacts in an S3 bucket. The job signs in with the nodes' credentials; this test with the same.
     mlflow_server = production_stack.tracking_uri
+    for key, value in production_stack.credentials().items():
+        monkeypatch.setenv(key, value)
     submitted = run_cli(
         "submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_smoke",
         "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or the job waits
@@ -242,6 +250,7 @@ def test_a_job_that_fails_on_the_cluster_exits_1(cluster: Cluster, mlflow_server
 
 
 @pytest.mark.cluster
+@pytest.mark.mlflow_server  # the cluster's nodes sign in to the production stack (its fixture starts it)
 def test_a_missing_or_wrong_token_is_refused_with_the_fix(cluster: Cluster, tmp_path: Path) -> None:
     env = {**os.environ, "HOME": str(tmp_path)}  # no ~/.ray/auth_token either
     for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
@@ -323,6 +332,7 @@ def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.mlflow_server  # the cluster's nodes sign in to the production stack (its fixture starts it)
 def test_a_run_waiting_for_resources_says_what_it_waits_for_and_gives_up_after_resource_wait_s(cluster: Cluster, tmp_path: Path) -> None:
     # 6 workers of 1 CPU on a cluster of 2 x 2 CPUs: an autoscaling cluster would add a node; this one never will.
     env = {**os.environ, "RAY_ADDRESS": cluster.gcs, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": cluster.token}

@@ -31,7 +31,7 @@ K8S = REPO / "k8s"
 OVERLAYS = ("cpu-dev", "gpu")
 # The Secrets the README tells the user to create, and the one KubeRay generates for token auth
 # (named after the RayCluster, key auth_token).
-USER_SECRETS = {"mlflow-postgres", "mlflow-minio"}
+USER_SECRETS = {"mlflow-postgres", "mlflow-minio", "mlflow-auth"}
 RAY_TOKEN_SECRET = "pipeline"
 MAIN_ENTRYPOINT = "python -m pipeline run /app/conf/fashion_mnist_cnn.yaml storage_path=/mnt/shared/runs data.root=/mnt/shared/data"
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "Job", "DaemonSet")
@@ -447,7 +447,8 @@ def test_the_mlflow_server_is_reachable_by_its_service_names_and_port_forward(
     assert options["--artifacts-destination"] == "s3://mlflow" and "--serve-artifacts" in options
     env = env_of(container)
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "http://minio:9000"
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_USER", "POSTGRES_PASSWORD"):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "POSTGRES_USER", "POSTGRES_PASSWORD", "MLFLOW_AUTH_ADMIN_PASSWORD",
+                 "MLFLOW_FLASK_SERVER_SECRET_KEY"):  # fmt: skip
         assert "secretKeyRef" in env[name]["valueFrom"], f"mlflow: {name} must come from a Secret"
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["path"] == "/health"

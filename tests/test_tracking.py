@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.data.store import load_splits
 from pipeline.loop import load_checkpoint
 from pipeline.train import run_training
-from tests.helpers import CONF_DIR, REPO, free_port, last_json, metric_steps, run_cli, runs_of, tiny
+from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, run_cli, runs_of, tiny
 
 PNG_CLASSES = 3  # test images per predict call
 
@@ -366,3 +366,27 @@ def test_a_run_logs_the_splits_it_uses_as_mlflow_datasets(data_root: Path, tmp_p
     assert again.mlflow_run_id == result.mlflow_run_id
     rerun = client.get_run(str(result.mlflow_run_id)).inputs
     assert rerun is not None and len(rerun.dataset_inputs) == 3, "a resumed run logs its data sets once"
+
+
+@pytest.mark.mlflow_server
+def test_a_server_with_authentication_takes_credentials_from_the_environment_and_refuses_wrong_ones_before_training(
+    production_stack: Stack, tmp_path: Path
+) -> None:
+    url, password = production_stack.tracking_uri, production_stack.admin_password  # the stack's basic-auth app
+    args = ["train", "conf/linear_regression.yaml", f"storage_path={tmp_path}", f"data.root={tmp_path}", "name=authed", "train.epochs=1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin"}
+    for given, said in (("a-wrong-one", "its credentials were refused (HTTP 401)"), (None, "none were given")):
+        attempt = {**env, "MLFLOW_TRACKING_PASSWORD": given} if given else {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_USERNAME"}
+        refused = run_cli(*args, env=attempt)
+        assert refused.returncode == 2, refused.stderr
+        assert f"the MLflow server at MLFLOW_TRACKING_URI={url} has authentication on" in refused.stderr and said in refused.stderr
+        assert "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in refused.stderr
+        assert not (tmp_path / "authed").exists(), "refused before any work: no run folder"
+
+    done = run_cli(*args, "--output", "json", env={**env, "MLFLOW_TRACKING_PASSWORD": password})
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    admin = MlflowClient(f"http://admin:{password}@127.0.0.1:{url.rsplit(':', 1)[1]}")
+    (run,) = runs_of(admin, "authed")
+    assert run.info.status == "FINISHED" and password not in json.dumps([run.data.params, run.data.tags])
+    assert admin.get_model_version_by_alias("authed", "champion").run_id == run.info.run_id
