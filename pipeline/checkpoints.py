@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -212,13 +213,19 @@ def _older_siblings(checkpoint: Any) -> list[Any]:
 class LocalSession:
     """One process, no Ray: checkpoints written atomically and pruned to the best `keep` plus the latest.
 
-    `metric` ranks them (the best is the run's model); None (no validation): the newest are kept."""
+    `metric` ranks them (the best is the run's model); None (no validation): the newest are kept.
+    A run folder in an object store (storage_path=s3://...) is mirrored: checkpoints are written in a
+    local folder as above, then uploaded (the summary last, which marks them complete there too) and
+    pruned there alike; a resumed run downloads them first."""
 
     rank = 0
     world_size = 1
 
-    def __init__(self, run_dir: Path, *, keep: int, metric: str | None, mode: Literal["min", "max"], device: torch.device):
-        self.run_dir = run_dir
+    def __init__(self, run_dir: Path | str, *, keep: int, metric: str | None, mode: Literal["min", "max"], device: torch.device):
+        self.remote = str(run_dir) if "://" in str(run_dir) else None
+        self.run_dir = Path(tempfile.mkdtemp(prefix="pipeline-checkpoints-")) if self.remote else Path(run_dir)
+        if self.remote:
+            weakref.finalize(self, shutil.rmtree, self.run_dir, True)  # the local copies go with the session
         self.keep, self.metric, self.mode = keep, metric, mode
         self.device = device
         self.last_metrics: dict[str, Any] | None = None
@@ -236,7 +243,14 @@ class LocalSession:
         ranked = sorted(self.checkpoints(), key=self._score, reverse=self._descending)
         return ranked[0] if ranked else None
 
+    def best_location(self) -> str | None:
+        """Where the run's model is kept: the best checkpoint's folder, in the object store if mirrored."""
+        best = self.best_checkpoint()
+        return None if best is None else f"{self.remote}/{best.name}" if self.remote else str(best)
+
     def restore(self) -> dict[str, Any] | None:
+        if self.remote:
+            self._download()
         return restore_newest(self.checkpoints(), self.skipped)
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
@@ -250,6 +264,8 @@ class LocalSession:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         self._prune()
+        if self.remote:
+            self._upload(final)
 
     @property
     def _descending(self) -> bool:
@@ -268,3 +284,29 @@ class LocalSession:
         for checkpoint in ranked[self.keep :]:
             if checkpoint != latest:  # the latest always stays: it is where a resumed run starts
                 shutil.rmtree(checkpoint)
+
+    def _download(self) -> None:
+        import pyarrow.fs
+
+        assert self.remote is not None
+        for path, _ in run_checkpoints(self.remote).values():
+            filesystem, source = pyarrow.fs.FileSystem.from_uri(path)
+            local = self.run_dir / source.rsplit("/", 1)[-1]
+            local.mkdir()
+            pyarrow.fs.copy_files(source, str(local), source_filesystem=filesystem)
+
+    def _upload(self, checkpoint: Path) -> None:
+        """The new checkpoint into the object store, summary last; those pruned here, pruned there."""
+        import pyarrow.fs
+
+        assert self.remote is not None
+        filesystem, folder = pyarrow.fs.FileSystem.from_uri(self.remote)
+        target = f"{folder}/{checkpoint.name}"
+        filesystem.create_dir(target)
+        for name in (STATE_FILE, META_FILE):
+            with filesystem.open_output_stream(f"{target}/{name}") as out:
+                out.write((checkpoint / name).read_bytes())
+        kept = {path.name for path in self.checkpoints()}
+        for entry in filesystem.get_file_info(pyarrow.fs.FileSelector(folder)):
+            if entry.base_name.startswith("checkpoint_epoch=") and entry.base_name not in kept:
+                filesystem.delete_dir(entry.path)

@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data.store import DatasetSpec, decoded_mb, has_validation, materialize, train_rows
-from pipeline.execution import runs_in_process, streams
+from pipeline.execution import streams
 from pipeline.loop import memory_format, validation_metrics
 from pipeline.models import model_for, num_outputs
 from pipeline.space import Dimension, parse_space
@@ -28,8 +28,13 @@ __all__ = ["check_search", "check_training", "search_metric"]
 
 def check_training(cfg: ExperimentConfig) -> DatasetSpec:
     """Everything that can fail on bad input, done before Ray starts: folders, data, task, runner, model."""
+    if "://" in cfg.data.root:  # the data sets are written and memory-mapped as local files (data/store.py)
+        raise ConfigError(f"data.root: {cfg.data.root} is a URI; data sets are materialized to Parquet files in a folder that every "
+                          "node reads: give a local path, or on a cluster a shared volume (NFS, ReadWriteMany) mounted on each node")  # fmt: skip
     _check_writable("data.root", cfg.data.root)
-    if "://" not in cfg.storage_path:
+    if "://" in cfg.storage_path:
+        _check_bucket(cfg.storage_path)
+    else:
         _check_writable("storage_path", cfg.storage_path)
     spec = materialize(cfg.data, cfg.seed)
     _check_task(cfg, spec)
@@ -70,6 +75,22 @@ def search_metric(cfg: ExperimentConfig) -> tuple[str, str]:
     return metric, mode
 
 
+def _check_bucket(uri: str) -> None:
+    """An object-store storage_path must be reachable and its bucket exist (it is never created here)."""
+    import pyarrow.fs
+
+    from pipeline.redaction import redact
+
+    try:
+        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+        found = filesystem.get_file_info(path.split("/", 1)[0]).type == pyarrow.fs.FileType.Directory
+    except (OSError, ValueError) as err:  # no such scheme, endpoint or credentials (ArrowInvalid is a ValueError)
+        raise ConfigError(f"storage_path: cannot reach {redact(uri)} ({str(err).splitlines()[0]}); check the URI, and the "
+                          "endpoint and credentials in AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY") from None  # fmt: skip
+    if not found:
+        raise ConfigError(f"storage_path: the bucket of {redact(uri)} does not exist; create it, or name one that does")
+
+
 def _check_writable(key: str, folder: str) -> None:
     """A folder the run will write to must be one it can make: tried in its nearest existing parent with a
     temporary folder, left as it was (permissions alone do not tell: root may not write to /proc)."""
@@ -101,8 +122,6 @@ def _check_runner(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
             f"data.loader: the data streams through Ray Data (loader {cfg.data.loader}, {decoded_mb(spec):,.0f} MB), which "
             "needs Ray Train workers: scaling.runner=ray (or auto) and scaling.num_workers >= 1, or data.loader=memory"
         )
-    if runs_in_process(cfg, spec) and "://" in cfg.storage_path:
-        raise ConfigError(f"storage_path: {cfg.storage_path} is a URI; in-process runs need a local folder (or scaling.runner=ray)")
 
 
 def _check_batch_fits(cfg: ExperimentConfig, spec: DatasetSpec) -> None:

@@ -15,7 +15,6 @@ import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -154,14 +153,13 @@ def _run_in_process(
 ) -> Trained:
     device = torch.device("cuda" if execution.use_gpu else "cpu")
     metric, mode = ranking(cfg, spec)
-    session = LocalSession(Path(folder), keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
+    session = LocalSession(folder, keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
     try:
         with monitoring(run, cfg.tracking):
             run_worker(cfg, spec, session, emit, EpochLogger(run, warner(emit)) if run else None)
     except Exception as err:  # as on Ray: the training's own error, named as the worker's
         raise TrainingError(f"worker 0: {type(err).__name__}: {err}") from err
-    best = session.best_checkpoint()
-    return Trained(session.last_metrics or {}, str(best) if best else None)
+    return Trained(session.last_metrics or {}, session.best_location())
 
 
 def _run_on_ray(

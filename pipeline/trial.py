@@ -10,7 +10,6 @@ as the search's Execution says.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoints import LocalSession
@@ -70,7 +69,7 @@ def trial_driver(
     if execution.in_process:
         device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
         metric, mode = ranking(cfg, spec)
-        session = TuneSession(Path(plan.folder), keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
+        session = TuneSession(plan.folder, keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device)
         run_worker(cfg, spec, session, tagged.put_nowait, EpochLogger(run, warner(tagged.put_nowait)))
     else:
         from ray.tune.integration.ray_train import TuneReportCallback

@@ -155,6 +155,15 @@ class Stack:
     admin_password: str  # of the server's user `admin`
     servers: dict[str, subprocess.Popen]  # postgres, s3, mlflow
 
+    def keys(self, prefix: str) -> list[str]:
+        """The bucket's object keys that start with `prefix`."""
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name="us-east-1", aws_access_key_id="test-key",
+                          aws_secret_access_key="test-secret")  # fmt: skip
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
     def credentials(self) -> dict[str, str]:
         """What MLflow's client (and `pipeline`) reads to sign in."""
         return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.admin_password}

@@ -28,7 +28,7 @@ import pytest
 
 from pipeline.cluster import load_job
 from pipeline.registry import load_model
-from tests.helpers import REPO, Stack, free_port, metric_steps, mlflow_client, run_cli, run_dir
+from tests.helpers import REPO, Stack, free_port, metric_steps, mlflow_client, run_cli
 
 JOBS_DIR = REPO / "jobs"
 NODE_CPUS = 2
@@ -100,12 +100,12 @@ def _wait_for_nodes(cluster: Cluster, nodes: list[subprocess.Popen], timeout_s: 
 def cluster(production_stack: Stack) -> Iterator[Cluster]:
     """A head and a second node, each with 2 logical CPUs, token authentication on (about 20 s).
 
-    Its processes hold the production stack's MLflow credentials, as k8s/ gives them to the Ray pods from
-    a Secret (never in a job's runtime_env, which the dashboard shows)."""
+    Its processes hold the production stack's MLflow credentials and the S3 endpoint and keys, as k8s/
+    gives them to the Ray pods from Secrets (never in a job's runtime_env, which the dashboard shows)."""
     # Short paths: Ray's Unix sockets live under the temp dir, and socket paths are limited to ~100 bytes.
     root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     token = secrets.token_hex(16)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **production_stack.credentials(),
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **production_stack.credentials(), **production_stack.s3_env(),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     gcs_port, dashboard_port = _fixed_port(), _fixed_port()
@@ -146,15 +146,6 @@ def _job_env(cluster: Cluster, mlflow_url: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _bucket_keys(stack: Stack, containing: str) -> list[str]:
-    import boto3
-
-    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint, region_name="us-east-1", aws_access_key_id="test-key",
-                      aws_secret_access_key="test-secret")  # fmt: skip
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack.bucket)
-    return [item["Key"] for page in pages for item in page.get("Contents", []) if containing in item["Key"]]
-
-
 def _last_json(text: str) -> dict:
     """The job's own `--output json` line, among the job's log lines that `--follow` streams to stdout."""
     return json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
@@ -175,7 +166,8 @@ def test_smoke_job_trains_across_both_nodes_and_registers_on_the_production_stac
         "submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), "name=cluster_smoke",
         "scaling.placement_strategy=STRICT_SPREAD",  # one worker per node, or the job waits
         "tracking.system_metrics_interval_s=0.2",  # samples within the job's seconds of training
-        "--address", cluster.address, "--follow", env=_job_env(cluster, mlflow_server),
+        "--address", cluster.address, "--follow",
+        env=_job_env(cluster, mlflow_server, PIPELINE_STORAGE=f"s3://{production_stack.bucket}/cluster-runs"),  # checkpoints in S3
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = submitted.stdout.splitlines()[0]
@@ -196,15 +188,16 @@ def test_smoke_job_trains_across_both_nodes_and_registers_on_the_production_stac
     logged = client.get_run(summary["mlflow_run_id"]).data.metrics
     assert "system/cpu_utilization_percentage" in logged and not [key for key in logged if key.startswith("system/node_")]
 
-    # Checkpoints are on the shared storage, where the job's overrides put them.
-    folder = run_dir(cluster.shared / "runs", "cluster_smoke")
-    assert sorted(p.name for p in folder.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=0001", "checkpoint_epoch=0002"]
-    assert summary["checkpoint"].startswith(str(folder))
+    # Checkpoints are in the bucket, where the job's storage_path put them, written by the workers of both nodes.
+    folder = f"cluster-runs/cluster_smoke/{summary['run_key']}/"
+    assert sorted({key[len(folder) :].split("/")[0] for key in production_stack.keys(folder) if "checkpoint_epoch=" in key}) == [
+        "checkpoint_epoch=0001", "checkpoint_epoch=0002"]  # fmt: skip
+    assert summary["checkpoint"].startswith(f"s3://{production_stack.bucket}/{folder}")
 
     # The registered model loads back through the server, its weights read from the bucket: y = 2 x0 - 3.4 x1 + 4.2.
     predicted = load_model("cluster_smoke@champion", tracking_uri=mlflow_server).predict_table(np.array([[1.0, 1.0]], dtype=np.float32))
     assert predicted["value"][0] == pytest.approx(2.0 - 3.4 + 4.2, abs=0.3)
-    assert _bucket_keys(production_stack, "/weights.pt")  # the model's files are in S3, not on a disk
+    assert [key for key in production_stack.keys("artifacts/") if key.endswith("/weights.pt")]  # the model's files are in S3
 
     # Two DDP workers, one on each node.
     ray_job_id = cluster.api(f"/api/jobs/{job_id}")["job_id"]
