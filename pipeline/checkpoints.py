@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
+import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ __all__ = [
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+UPLOAD_PATIENCE_S = 300.0  # how long an in-process run waits for an object store that does not answer
 
 
 class CheckpointError(BadInput):
@@ -296,7 +299,23 @@ class LocalSession:
             pyarrow.fs.copy_files(source, str(local), source_filesystem=filesystem)
 
     def _upload(self, checkpoint: Path) -> None:
-        """The new checkpoint into the object store, summary last; those pruned here, pruned there."""
+        """The new checkpoint into the object store; an object store away for a while is waited for (with a
+        warning), up to UPLOAD_PATIENCE_S, rather than ending the run."""
+        deadline, delay = time.monotonic() + UPLOAD_PATIENCE_S, 1.0
+        while True:
+            try:
+                return self._put(checkpoint)
+            except OSError as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                if delay == 1.0:
+                    print(f"warning: the object store does not answer ({str(err).splitlines()[0][:200]}); "
+                          f"the checkpoint of {checkpoint.name} waits for it", file=sys.stderr, flush=True)  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    def _put(self, checkpoint: Path) -> None:
+        """The checkpoint's files, summary last (what marks it complete there); those pruned here, pruned there."""
         import pyarrow.fs
 
         assert self.remote is not None

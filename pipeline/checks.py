@@ -117,6 +117,9 @@ def _check_runner(cfg: ExperimentConfig, spec: DatasetSpec) -> None:
         )
     if cfg.scaling.runner == "ray" and cfg.scaling.num_workers == 0:
         raise ConfigError("scaling.runner: ray needs scaling.num_workers >= 1")
+    if cfg.scaling.min_workers is not None and cfg.train.max_failures < 1:
+        raise ConfigError(f"scaling.num_workers: [{cfg.scaling.min_workers}, {cfg.scaling.num_workers}] resizes the group when workers or "
+                          "nodes are lost, which Ray counts as failures: set train.max_failures >= 1 (the restarts it may make)")  # fmt: skip
     if streams(cfg, spec) and (cfg.scaling.runner == "in_process" or cfg.scaling.num_workers == 0):
         raise ConfigError(
             f"data.loader: the data streams through Ray Data (loader {cfg.data.loader}, {decoded_mb(spec):,.0f} MB), which "

@@ -175,6 +175,10 @@ class TrainConfig(_Section):
 
 class ScalingSection(_Section):
     num_workers: int = Field(1, ge=0, description="0 trains in this process, without a worker group")
+    # Elastic (Ray Train's elastic scaling): a group of min_workers..num_workers, as many as fit, restarted
+    # from the latest checkpoint at another size when workers or nodes are lost or added. Written
+    # `num_workers: [min, max]`; a lost node is a failure, so it needs train.max_failures >= 1.
+    min_workers: int | None = Field(None, ge=1)
     # Where training runs. auto: in this process when it is one worker on this machine (no RAY_ADDRESS)
     # without worker restarts (train.max_failures=0), since a worker group costs ~10 s to start;
     # on Ray Train otherwise. ray: always a Ray Train worker group. in_process: always here.
@@ -189,6 +193,17 @@ class ScalingSection(_Section):
     # (exit 1). Unset: as long as it takes, as an autoscaling cluster adding nodes needs. A local Ray that
     # can never fit the run refuses it at once instead (exit 2).
     resource_wait_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _elastic_range(cls, data: Any) -> Any:
+        """`num_workers: [min, max]` is min_workers=min, num_workers=max."""
+        bounds = data.get("num_workers") if isinstance(data, dict) else None
+        if not isinstance(bounds, (list, tuple)):
+            return data
+        if len(bounds) != 2 or not all(isinstance(b, int) and b >= 1 for b in bounds) or bounds[0] > bounds[1]:
+            raise ValueError(f"num_workers: {list(bounds)}: give a count, or [min, max] with 1 <= min <= max for an elastic group")
+        return {**data, "min_workers": bounds[0], "num_workers": bounds[1]}
 
 
 class TrackingConfig(_Section):

@@ -122,7 +122,7 @@ def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:
 
 def training_needs(cfg: ExperimentConfig, execution: Execution) -> Needs:
     """What a run on Ray Train workers takes: each worker's CPUs (and GPU), and a CPU for Ray Data's readers."""
-    workers, cpus = cfg.scaling.num_workers, cfg.scaling.cpus_per_worker
+    workers, cpus = cfg.scaling.min_workers or cfg.scaling.num_workers, cfg.scaling.cpus_per_worker  # elastic: the least it runs on
     gpus = workers if execution.use_gpu else 0
     reader = 1 if execution.streaming else 0
     what = f"{workers} workers x {cpus} CPU{'s' if cpus > 1 else ''}" + (" + 1 CPU for Ray Data's readers" if reader else "")
@@ -231,7 +231,7 @@ def build_trainer(
         },
         datasets=streaming_datasets(spec, cfg.data, cfg.seed) if execution.streaming else None,
         scaling_config=ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
+            num_workers=_group_size(cfg),
             use_gpu=execution.use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker, **({"GPU": 1} if execution.use_gpu else {})},
             placement_strategy=cfg.scaling.placement_strategy,
@@ -247,6 +247,11 @@ def build_trainer(
             callbacks=callbacks or [],
         ),
     )
+
+
+def _group_size(cfg: ExperimentConfig) -> Any:
+    """A worker count, or (min, max) for an elastic group: Ray Train V2 takes both (its type hints are V1's)."""
+    return (cfg.scaling.min_workers, cfg.scaling.num_workers) if cfg.scaling.min_workers else cfg.scaling.num_workers
 
 
 def train_fn_per_worker(config: dict[str, Any]) -> None:

@@ -141,7 +141,9 @@ def run_worker(
     prep = preprocessor(cfg, spec, device)
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         steps, batches = data.train_batches(epoch)
-        metrics = {"epoch": epoch, **train_epoch(model, steps, batches, loss_fn, optimizer, prep, cfg, session, epoch, emit)}
+        # workers: the group's size this epoch, which an elastic group changes when nodes come and go.
+        metrics = {"epoch": epoch, "workers": session.world_size,
+                   **train_epoch(model, steps, batches, loss_fn, optimizer, prep, cfg, session, epoch, emit)}  # fmt: skip
         if "val" in data.splits:  # the test split is never seen here: it is for the chosen checkpoint alone
             metrics.update(evaluate(model, data.eval_batches("val"), loss_fn, prep.eval, cfg, session, prefix="val"))
         history.append(metrics)

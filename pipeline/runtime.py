@@ -158,6 +158,7 @@ class ResourceWatch:
         self.known = set(placement_group_table())  # other runs' groups on a shared cluster
         self.pending_since: float | None = None
         self.said = ""
+        self.nodes = _alive_nodes()  # to name a node lost during the run, should the run then wait
 
     def __call__(self) -> None:
         from ray.util import placement_group_table
@@ -171,12 +172,24 @@ class ResourceWatch:
         waited = now - self.pending_since
         if waited < WAIT_NOTICE_AFTER_S:
             return
-        message = _waiting_message(pending, waited)
+        message = _waiting_message(pending, waited) + self._lost_nodes()
         if self.wait_s is not None and waited > self.wait_s:
             raise ResourceWaitTimeout(f"{message}; gave up after scaling.resource_wait_s={self.wait_s:g}")
         if message.split(";")[1:] != self.said.split(";")[1:] or int(waited) % 30 == 0:
             self.emit({"event": "waiting", "message": message})
             self.said = message
+
+    def _lost_nodes(self) -> str:
+        """'; since node ... was lost' for each node alive when the run started and gone now."""
+        lost = sorted(self.nodes.keys() - _alive_nodes().keys())
+        return "".join(f"; since node {node[:8]} ({self.nodes[node]}) was lost" for node in lost)
+
+
+def _alive_nodes() -> dict[str, str]:
+    """Ray's live nodes: id -> address."""
+    import ray
+
+    return {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
 
 
 def _waiting_message(pending: list[dict[str, Any]], waited: float) -> str:
@@ -189,8 +202,11 @@ def _waiting_message(pending: list[dict[str, Any]], waited: float) -> str:
                 asked[resource] = asked.get(resource, 0) + amount
     free, total = ray.available_resources(), ray.cluster_resources()
     wanted = ", ".join(f"{amount:g} {name}" for name, amount in sorted(asked.items()) if name in ("CPU", "GPU"))
+    # STRICT_SPREAD wants each worker on a node of its own: free CPUs on one node do not place it.
+    strict = sorted({group["strategy"] for group in pending if group.get("strategy", "").startswith("STRICT")})
+    placed = f" placed {' and '.join(strict)}" if strict else ""
     has = ", ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name} free" for name in ("CPU", "GPU"))
-    return f"waiting {waited:.0f} s for resources: the run asks for {wanted}; the cluster has {has}"
+    return f"waiting {waited:.0f} s for resources: the run asks for {wanted}{placed}; the cluster has {has}"
 
 
 def run_interruptibly(work: Callable[[], T], watch: Callable[[], None] | None = None) -> T:

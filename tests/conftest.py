@@ -69,7 +69,7 @@ def production_stack() -> Iterator[Stack]:
         servers["postgres"] = start_postgres(root / "pg", pg_port, password)
         servers["s3"] = start_s3(s3_port, "mlflow")
         stack = Stack(f"http://127.0.0.1:{port}", f"postgresql://mlflow:{password}@127.0.0.1:{pg_port}/mlflow",
-                      f"http://127.0.0.1:{s3_port}", "mlflow", secrets.token_hex(8), servers)  # fmt: skip
+                      f"http://127.0.0.1:{s3_port}", "mlflow", secrets.token_hex(8), root / "pg", servers)  # fmt: skip
         servers["mlflow"] = start_mlflow_on_stack(root, port, stack)
         yield stack
     finally:

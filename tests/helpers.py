@@ -9,12 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
 
 if TYPE_CHECKING:  # mlflow takes seconds to import: only where a test asks for a client
     from mlflow import MlflowClient
@@ -153,7 +155,15 @@ class Stack:
     s3_endpoint: str
     bucket: str
     admin_password: str  # of the server's user `admin`
+    postgres_root: Path  # the PostgreSQL cluster's folder
     servers: dict[str, subprocess.Popen]  # postgres, s3, mlflow
+
+    def restart_postgres(self) -> None:
+        """PostgreSQL stopped (fast shutdown: the server's connections are cut) and started again on its data."""
+        server = self.servers["postgres"]
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(timeout=60)
+        self.servers["postgres"] = run_postgres(self.postgres_root, int(urlsplit(self.backend_uri).port or 5432))
 
     def keys(self, prefix: str) -> list[str]:
         """The bucket's object keys that start with `prefix`."""
@@ -174,30 +184,38 @@ class Stack:
                 "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
 
 
+POSTGRES_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), default=Path("/usr/lib/postgresql/missing/bin"))  # Debian keeps it off PATH
+AS_POSTGRES = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # PostgreSQL refuses to run as root
+
+
 def start_postgres(root: Path, port: int, password: str) -> subprocess.Popen:
     """Debian's PostgreSQL on 127.0.0.1:port, a cluster of its own in `root` with the database `mlflow`
-    (user `mlflow`, password authentication). As root, it runs as the `postgres` user, which it requires."""
-    binaries = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps them off PATH
-    assert binaries, "PostgreSQL is installed (.ci/run installs Debian's postgresql)"
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    (user `mlflow`, password authentication)."""
+    assert POSTGRES_BIN.is_dir(), "PostgreSQL is installed (.ci/run installs Debian's postgresql)"
     (root / "password").write_text(password)
-    if as_owner:
+    if AS_POSTGRES:
         subprocess.run(["chown", "-R", "postgres", str(root)], check=True)
-    data = root / "data"
-    subprocess.run([*as_owner, str(binaries[-1] / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=scram-sha-256",
+    subprocess.run([*AS_POSTGRES, str(POSTGRES_BIN / "initdb"), "-D", str(root / "data"), "-U", "mlflow", "--auth=scram-sha-256",
                     f"--pwfile={root / 'password'}"], check=True, capture_output=True)  # fmt: skip
+    server = run_postgres(root, port)
+    env = {**os.environ, "PGPASSWORD": password}
+    subprocess.run([str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], env=env, check=True)
+    return server
+
+
+def run_postgres(root: Path, port: int) -> subprocess.Popen:
+    """The PostgreSQL server of the cluster in `root`, once it accepts connections (also: again, after a stop)."""
     server = subprocess.Popen(
-        [*as_owner, str(binaries[-1] / "postgres"), "-D", str(data), "-p", str(port), "-k", str(root), "-c", "listen_addresses=127.0.0.1"],
+        [*AS_POSTGRES, str(POSTGRES_BIN / "postgres"), "-D", str(root / "data"), "-p", str(port), "-k", str(root),
+         "-c", "listen_addresses=127.0.0.1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
-    env = {**os.environ, "PGPASSWORD": password}
     deadline = time.monotonic() + 60
-    while subprocess.run([str(binaries[-1] / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
+    while subprocess.run([str(POSTGRES_BIN / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode != 0:
         if server.poll() is not None or time.monotonic() > deadline:
             stop_group(server)
             raise RuntimeError(f"PostgreSQL did not start on port {port}")
         time.sleep(0.3)
-    subprocess.run([str(binaries[-1] / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"], env=env, check=True)
     return server
 
 
@@ -234,6 +252,50 @@ def start_mlflow_on_stack(root: Path, port: int, stack: Stack) -> subprocess.Pop
         stop_group(server)
         raise RuntimeError(f"mlflow server on the stack did not start: {(root / 'mlflow.log').read_text()[-3000:]}") from err
     return server
+
+
+class Relay:
+    """A TCP relay 127.0.0.1:port -> 127.0.0.1:target that a test cuts (connections refused, open ones
+    closed) and restores: a server that goes away for a while, without losing its state."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.port = target, free_port()
+        self.listener: socket.socket | None = None
+        self.open: list[socket.socket] = []
+        self.restore()
+
+    def restore(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        assert self.listener is not None
+        self.listener.close()
+        for connection in self.open:
+            connection.close()
+        self.open.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client = listener.accept()[0]
+            except OSError:  # cut
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.open += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                end.close()
 
 
 def stop_group(process: subprocess.Popen) -> None:

@@ -24,6 +24,7 @@ def _config(tmp_path: Path, conf: str, *overrides: str):
         ("linear_regression.yaml", ["scaling.runner=ray", "scaling.num_workers=0"], "scaling.runner: ray needs scaling.num_workers >= 1"),
         ("linear_regression.yaml", ["data.loader=stream", "scaling.num_workers=0"], "data.loader: the data streams through Ray Data"),
         ("linear_regression.yaml", ["data.root=s3://bucket/data"], "data.root: s3://bucket/data is a URI; data sets are materialized"),
+        ("linear_regression.yaml", ["scaling.num_workers=[1,2]"], "scaling.num_workers: [1, 2] resizes the group when workers or nodes"),
         ("linear_regression.yaml", ["data.val_fraction=0"], "data.val_fraction: linear has no test split"),
         ("linear_regression.yaml", ["train.metric=test_mse"], "train.metric: checkpoints are ranked by validation metrics only"),
         ("linear_regression.yaml", ["data.batch_size=100000"], "data.batch_size: 100000 per worker x 1 workers is more than"),

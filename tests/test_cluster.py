@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -19,8 +20,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import pytest
 
 from pipeline.cluster import load_job
 from pipeline.registry import load_model
-from tests.helpers import REPO, Stack, free_port, metric_steps, mlflow_client, run_cli
+from tests.helpers import REPO, Stack, free_port, metric_steps, mlflow_client, run_cli, runs_of
 
 JOBS_DIR = REPO / "jobs"
 NODE_CPUS = 2
@@ -40,6 +41,8 @@ class Cluster:
     token: str
     shared: Path  # storage both nodes see
     gcs: str  # host:port, what RAY_ADDRESS names for a driver that joins the cluster
+    nodes: list[subprocess.Popen] = field(default_factory=list)  # `ray start --block` processes, the head first
+    add_node: Callable[[], None] = lambda: None  # starts another second node and waits until it is alive
 
     def api(self, path: str) -> dict:
         request = urllib.request.Request(f"{self.address}{path}", headers={"Authorization": f"Bearer {self.token}"})
@@ -121,21 +124,25 @@ def cluster(production_stack: Stack) -> Iterator[Cluster]:
          f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_fixed_port()}", f"--temp-dir={root / 'h'}", *common()],
         env, root / "head.log",
     )  # fmt: skip
-    nodes = [head]
-    try:
-        cluster = Cluster(f"http://127.0.0.1:{dashboard_port}", token, root / "shared", f"127.0.0.1:{gcs_port}")
-        _wait_for_nodes(cluster, nodes)
-        # The second node has its own temp dir, as on a second machine: sharing one, the nodes would
+    cluster = Cluster(f"http://127.0.0.1:{dashboard_port}", token, root / "shared", f"127.0.0.1:{gcs_port}", [head])
+
+    def add_node() -> None:
+        # Each second node has its own temp dir, as on a second machine: sharing one, the nodes would
         # unpack a job's working directory over each other.
-        second = _start_node(
-            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={root / 'w'}", *common()],
-            env, root / "worker.log",
-        )  # fmt: skip
-        nodes.append(second)
-        _wait_for_nodes(cluster, nodes)
+        index = len(cluster.nodes)
+        cluster.nodes.append(_start_node(
+            [ray, "start", f"--address=127.0.0.1:{gcs_port}", f"--temp-dir={root / f'w{index}'}", *common()],
+            env, root / f"worker{index}.log",
+        ))  # fmt: skip
+        _wait_for_nodes(cluster, [node for node in cluster.nodes if node.poll() is None])
+
+    cluster.add_node = add_node
+    try:
+        _wait_for_nodes(cluster, cluster.nodes)
+        add_node()
         yield cluster
     finally:
-        _stop_nodes(nodes, root)
+        _stop_nodes(cluster.nodes, root)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -296,6 +303,11 @@ def test_every_job_spec_is_valid_and_runs_a_pipeline_command() -> None:
         ({"runtime_env": {"env_vars": {"MLFLOW_TRACKING_URI": "${NO_SUCH_VARIABLE_SET}"}}},
          "runtime_env.env_vars.MLFLOW_TRACKING_URI: ${NO_SUCH_VARIABLE_SET} is not set"),
         ({"runtime_env": {"env_vars": {}}}, "runtime_env.env_vars.MLFLOW_TRACKING_URI is missing"),
+        ({"entrypoint": {"command": "predict", "conf": "conf/linear_regression.yaml"}},
+         "entrypoint: command predict takes input, model, options, out (input, model, out required); got conf"),
+        ({"entrypoint": {"command": "predict", "model": "m@champion", "input": "d/", "out": "o", "options": ["--workers", "2"]}},
+         "entrypoint: options ['--workers']: predict's options here are --engine, --actors, --batch-size"),
+        ({"entrypoint": {"command": "predict", "model": "just_a_name", "input": "d/", "out": "o"}}, "entrypoint.model: 'just_a_name': write NAME@ALIAS"),
     ],
 )  # fmt: skip
 def test_a_bad_job_spec_is_refused_before_submission(tmp_path: Path, edit: dict, message: str) -> None:
@@ -311,6 +323,12 @@ def test_a_bad_job_spec_is_refused_before_submission(tmp_path: Path, edit: dict,
     assert result.returncode == 2
     assert message in result.stderr, result.stderr
     assert "no Ray dashboard answered" not in result.stderr
+
+
+def test_the_batch_inference_job_runs_pipeline_predict_on_ray_data_with_the_spec_s_paths() -> None:
+    job = load_job(JOBS_DIR / "batch_inference.yaml", environ={"PIPELINE_INPUT": "s3://data/points/", "PIPELINE_OUT": "/mnt/shared/out-2"})
+    assert job.entrypoint == "python -m pipeline predict fashion_mnist_cnn@champion s3://data/points/ --out /mnt/shared/out-2 --engine ray"
+    assert job.resources == {"entrypoint_num_cpus": 1}  # the driver writes the parts; the actors ask for their own
 
 
 def test_the_printed_entrypoint_hides_credentials_and_secret_values() -> None:
@@ -337,3 +355,81 @@ def test_a_run_waiting_for_resources_says_what_it_waits_for_and_gives_up_after_r
     assert "error: training failed: " in done.stderr and "gave up after scaling.resource_wait_s=12" in done.stderr
     assert "Traceback" not in done.stderr
     assert time.monotonic() - started < 120
+
+
+# ---------------------------------------------------------------------------------------------------
+# A lost node. Each test kills the second node's Ray processes (SIGKILL) mid-run and starts a new second
+# node when done, for the tests after it.
+
+
+def _train_until_checkpoint(cluster: Cluster, stack: Stack, name: str, *overrides: str) -> str:
+    """Submit a long smoke job on both nodes with its checkpoints in the bucket; its id, once it has two."""
+    submitted = run_cli("submit", str(JOBS_DIR / "linear_regression_smoke.yaml"), f"name={name}", "data.num_samples=4000",
+                        *overrides, "--address", cluster.address,
+                        env=_job_env(cluster, stack.tracking_uri, PIPELINE_STORAGE=f"s3://{stack.bucket}/lost-node"))  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.splitlines()[0]
+    deadline = time.monotonic() + 240
+    while len([key for key in stack.keys(f"lost-node/{name}/") if key.endswith("/meta.json")]) < 2:
+        assert time.monotonic() < deadline, f"{name}: no second checkpoint in the bucket within 240 s"
+        time.sleep(0.5)
+    return job_id
+
+
+def _lose_second_node(cluster: Cluster) -> None:
+    node = cluster.nodes[-1]  # the second node now: an earlier test may have lost one and added another
+    os.killpg(node.pid, signal.SIGKILL)  # the node's raylet, its workers, its agents: as when a machine goes away
+    node.wait()
+
+
+@pytest.mark.cluster
+@pytest.mark.workers
+@pytest.mark.mlflow_server
+def test_an_elastic_training_loses_a_node_and_finishes_on_the_other_from_its_last_checkpoint(
+    cluster: Cluster, production_stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in production_stack.credentials().items():
+        monkeypatch.setenv(key, value)
+    epochs = 12
+    try:
+        # A worker takes a whole node (2 CPUs): 2 workers while both nodes live, 1 when one is left.
+        job_id = _train_until_checkpoint(cluster, production_stack, "elastic", "scaling.num_workers=[1,2]", "scaling.cpus_per_worker=2",
+                                         "train.max_failures=2", f"train.epochs={epochs}")  # fmt: skip
+        _lose_second_node(cluster)
+        followed = run_cli("jobs", "logs", job_id, "--follow", "--address", cluster.address,
+                           env=_job_env(cluster, production_stack.tracking_uri), timeout=600)  # fmt: skip
+    finally:
+        cluster.add_node()
+    assert followed.returncode == 0, followed.stdout[-3000:] + followed.stderr[-3000:]
+    summary = _last_json(followed.stdout)
+    assert summary["epochs"] == epochs and summary["registration"]["version"] == "1"
+
+    client = mlflow_client(production_stack.tracking_uri)
+    (run,) = runs_of(client, "elastic")  # one MLflow run, each epoch logged once
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert metric_steps(client, run.info.run_id, "val_mse") == list(range(1, epochs + 1))
+    # The group's size each epoch, as the last checkpoint's history holds it: 2 workers until the node
+    # was lost, then 1, the epochs before kept (a start from scratch would have 1 worker throughout).
+    sizes = [int(m.value) for m in sorted(client.get_metric_history(run.info.run_id, "workers"), key=lambda m: m.step)]
+    lost_at = sizes.index(1)
+    assert sizes == [2] * lost_at + [1] * (epochs - lost_at) and lost_at >= 2
+    assert len(client.search_model_versions("name = 'elastic'")) == 1
+
+
+@pytest.mark.cluster
+@pytest.mark.workers
+@pytest.mark.mlflow_server
+def test_a_fixed_group_that_no_longer_fits_after_a_lost_node_says_so_and_gives_up_after_resource_wait_s(
+    cluster: Cluster, production_stack: Stack
+) -> None:
+    try:
+        job_id = _train_until_checkpoint(cluster, production_stack, "fixed", "scaling.num_workers=2", "scaling.placement_strategy=STRICT_SPREAD",
+                                         "train.max_failures=2", "train.epochs=40", "scaling.resource_wait_s=10")  # fmt: skip
+        _lose_second_node(cluster)
+        followed = run_cli("jobs", "logs", job_id, "--follow", "--address", cluster.address,
+                           env=_job_env(cluster, production_stack.tracking_uri), timeout=600)  # fmt: skip
+    finally:
+        cluster.add_node()
+    assert followed.returncode == 1, followed.stdout[-3000:]
+    assert "for resources: the run asks for 2 CPU placed STRICT_SPREAD; the cluster has 2 of 2 CPU free" in followed.stdout
+    assert re.search(r"since node \w{8} \(\S+\) was lost; gave up after scaling\.resource_wait_s=10", followed.stdout)
