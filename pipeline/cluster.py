@@ -1,6 +1,7 @@
 """Jobs on a Ray cluster: job specs (jobs/*.yaml), and submit / status / logs / stop through Ray's Jobs API.
 
-A job spec names a `pipeline` command, a conf and overrides; everything is checked here, before anything
+A job spec names a `pipeline` command, a conf and overrides (or, for `predict`, a model, a data set and an
+output folder: batch inference on the cluster's Ray Data); everything is checked here, before anything
 reaches the cluster: the spec's keys, the conf and its overrides (the same `load_config` as a local run),
 and the environment variables it refers to (`${VAR}` or `${VAR:-default}`, expanded from the submitter's
 environment so that the submitted job is concrete and visible as such in the dashboard).
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.config import load_config
 from pipeline.errors import BadInput, describe_invalid
@@ -48,10 +49,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+PREDICT_OPTIONS = ("--engine", "--actors", "--batch-size", "--verbose")
+
+
 class Entrypoint(_Strict):
-    command: Literal["train", "tune", "run"]
-    conf: str = Field(description="path inside the working directory, e.g. conf/fashion_mnist_cnn.yaml")
+    command: Literal["train", "tune", "run", "predict"]
+    conf: str | None = Field(None, description="train, tune, run: path inside the working directory, e.g. conf/fashion_mnist_cnn.yaml")
     overrides: list[str] = Field(default_factory=list, description="key.path=value, as on the command line")
+    # predict: `pipeline predict MODEL INPUT --out OUT OPTIONS...`, paths as the cluster sees them
+    model: str | None = Field(None, description="predict: NAME@ALIAS or NAME/VERSION")
+    input: str | None = Field(None, description="predict: a data set on storage every node reads (shared folder, glob, s3://...)")
+    out: str | None = Field(None, description="predict: a new folder where the job's driver writes (a shared mount)")
+    options: list[str] = Field(default_factory=list, description=f"predict: {', '.join(PREDICT_OPTIONS)} and their values")
+
+    @model_validator(mode="after")
+    def _keys_of_the_command(self) -> Entrypoint:
+        given = {key for key in ("conf", "overrides", "model", "input", "out", "options") if getattr(self, key)}
+        needed, allowed = ({"model", "input", "out"}, {"model", "input", "out", "options"}) if self.command == "predict" else ({"conf"}, {"conf", "overrides"})  # fmt: skip
+        if needed - given or given - allowed:
+            raise ValueError(f"command {self.command} takes {', '.join(sorted(allowed))} ({', '.join(sorted(needed))} required); "
+                             f"got {', '.join(sorted(given)) or 'none'}")  # fmt: skip
+        unknown = [o for o in self.options if o.startswith("-") and o.split("=")[0] not in PREDICT_OPTIONS]
+        if unknown:
+            raise ValueError(f"options {unknown}: predict's options here are {', '.join(PREDICT_OPTIONS)}")
+        return self
 
 
 class RuntimeEnv(_Strict):
@@ -92,20 +113,18 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), environ: dict[str,
     environ = dict(os.environ) if environ is None else environ
     spec.runtime_env.env_vars = {key: _expand(value, f"{path}: runtime_env.env_vars.{key}", environ)
                                  for key, value in spec.runtime_env.env_vars.items()}  # fmt: skip
-    overrides = [_expand(o, f"{path}: entrypoint.overrides", environ) for o in [*spec.entrypoint.overrides, *overrides]]
     working_dir = Path(spec.runtime_env.working_dir).resolve()
     if not working_dir.is_dir():
         raise JobError(
             f"{path}: runtime_env.working_dir: {working_dir} is not a folder; paths are relative to where `pipeline submit` runs"
         )
-    conf = working_dir / spec.entrypoint.conf
-    if not conf.is_file():
-        raise JobError(f"{path}: entrypoint.conf: {spec.entrypoint.conf} is not a file in the working directory {working_dir}")
-    load_config(conf, overrides)  # the cluster would refuse the same config: refuse it here, before submitting
+    if spec.entrypoint.command == "predict":
+        command = _predict_command(spec.entrypoint, path, overrides, environ)
+    else:
+        command = _experiment_command(spec.entrypoint, path, working_dir, overrides, environ)
     if "MLFLOW_TRACKING_URI" not in spec.runtime_env.env_vars:
         raise JobError(f"{path}: runtime_env.env_vars.MLFLOW_TRACKING_URI is missing: on a cluster every worker must log to "
                        "the same MLflow server, e.g. MLFLOW_TRACKING_URI: ${MLFLOW_TRACKING_URI:-http://mlflow:5000}")  # fmt: skip
-    command = ["python", "-m", "pipeline", spec.entrypoint.command, spec.entrypoint.conf, *overrides, "--output", "json"]
     runtime_env: dict[str, Any] = {
         "working_dir": str(working_dir),
         "env_vars": spec.runtime_env.env_vars,
@@ -115,6 +134,32 @@ def load_job(path: str | Path, overrides: Sequence[str] = (), environ: dict[str,
         runtime_env["pip"] = spec.runtime_env.pip
     resources = {key: value for key, value in spec.resources.model_dump().items() if value}
     return PreparedJob(name=spec.name, entrypoint=shlex.join(command), runtime_env=runtime_env, resources=resources)
+
+
+def _experiment_command(
+    entrypoint: Entrypoint, path: Path, working_dir: Path, overrides: Sequence[str], environ: dict[str, str]
+) -> list[str]:
+    """train, tune or run: the conf and its overrides, checked as a local run would check them."""
+    assert entrypoint.conf is not None  # the spec's validator requires it
+    overrides = [_expand(o, f"{path}: entrypoint.overrides", environ) for o in [*entrypoint.overrides, *overrides]]
+    conf = working_dir / entrypoint.conf
+    if not conf.is_file():
+        raise JobError(f"{path}: entrypoint.conf: {entrypoint.conf} is not a file in the working directory {working_dir}")
+    load_config(conf, overrides)  # the cluster would refuse the same config: refuse it here, before submitting
+    return ["python", "-m", "pipeline", entrypoint.command, entrypoint.conf, *overrides, "--output", "json"]
+
+
+def _predict_command(entrypoint: Entrypoint, path: Path, overrides: Sequence[str], environ: dict[str, str]) -> list[str]:
+    """Batch inference: the model, the data set and the output folder name what the cluster sees; they are
+    checked there, before any work (`pipeline predict` refuses an unknown model, a missing column, an OUT that exists)."""
+    if overrides:
+        raise JobError(f"{path}: a predict job takes no key.path=value overrides (got {list(overrides)}); edit its entrypoint")
+    where = f"{path}: entrypoint"
+    model, data, out = (_expand(str(getattr(entrypoint, key)), f"{where}.{key}", environ) for key in ("model", "input", "out"))
+    if "@" not in model and "/" not in model:
+        raise JobError(f"{where}.model: {model!r}: write NAME@ALIAS (e.g. fashion_mnist_cnn@champion) or NAME/VERSION")
+    options = [_expand(o, f"{where}.options", environ) for o in entrypoint.options]
+    return ["python", "-m", "pipeline", "predict", model, data, "--out", out, *options]
 
 
 def _read_spec(path: Path) -> JobSpec:

@@ -6,6 +6,7 @@ object as its last line). Without a terminal (CI, logs) the bar is replaced by p
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.console import Console
@@ -13,7 +14,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["TrainingDisplay", "TrialTable", "format_metrics", "print_models", "print_runs", "print_search", "print_summary"]
+__all__ = ["ScoringDisplay", "TrainingDisplay", "TrialTable", "format_metrics", "print_models", "print_runs", "print_search",
+           "print_summary"]  # fmt: skip
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:
@@ -68,6 +70,52 @@ class TrainingDisplay:
         if self.task is None:
             self.task = self.progress.add_task("train", total=event["steps"], **fields)
         self.progress.update(self.task, completed=event["step"], **fields)
+
+
+class ScoringDisplay:
+    """Batch inference's progress (scoring.py's events): rows scored of the total, rows per second, time left.
+    Without a terminal (a cluster job's log), a line every LINE_EVERY_S seconds instead of the bar."""
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("rows  {task.fields[rate]:,.0f} rows/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,
+            disable=not self.console.is_terminal,
+        )
+        self.task: TaskID | None = None
+        self.done, self.total, self.started, self.said = 0, 0, 0.0, 0.0
+
+    def __enter__(self) -> ScoringDisplay:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if event["event"] == "start":
+            self.total, self.started, self.said = event["rows"], now, now
+            self.console.print(event["message"], soft_wrap=True)
+            self.task = self.progress.add_task("score", total=self.total, rate=0.0)
+        elif event["event"] == "rows" and self.task is not None:
+            self.done += event["rows"]
+            rate = self.done / max(now - self.started, 1e-9)
+            self.progress.update(self.task, completed=self.done, rate=rate)
+            if not self.console.is_terminal and (now - self.said >= self.LINE_EVERY_S or self.done == self.total):
+                self.console.print(f"scored {self.done:,} of {self.total:,} rows, {rate:,.0f} rows/s", soft_wrap=True)
+                self.said = now
+        elif event["event"] in NOTICES:
+            print_notice(self.progress.console, event)
 
 
 # Events that are a line of text: what happens to the run (info), a problem (warning), a wait (waiting).

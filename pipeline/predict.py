@@ -18,7 +18,7 @@ import pandas as pd
 
 from pipeline.serving import InputError, Predictor
 
-__all__ = ["check_out", "predict_files", "read_inputs", "write_table"]
+__all__ = ["check_out", "predict_files", "read_image", "read_inputs", "write_table"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 TABLE_SUFFIXES = (".csv", ".parquet")
@@ -44,7 +44,7 @@ def read_inputs(path: Path, predictor: Predictor) -> tuple[list[str], np.ndarray
         raise InputError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
-        return [str(path)], _read_image(path, predictor)
+        return [str(path)], read_image(path, predictor)
     if suffix == ".npy":
         batch = _checked(path, predictor, _read_array(path))
         return [f"{path}[{i}]" for i in range(len(batch))], batch
@@ -71,19 +71,21 @@ def _read_table(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: not a table that can be read ({err}); give a CSV with a header row, or a Parquet file") from None
 
 
-def _read_image(path: Path, predictor: Predictor) -> np.ndarray:
-    """An image file as training read its images (images.py): the model's channels, resized only if training resized."""
-    from pipeline.images import ImageError, read_pixels
+def read_image(path: Path | str, predictor: Predictor, data: bytes | None = None) -> np.ndarray:
+    """An image file (or its bytes, `data`) as training read its images (images.py): the model's channels, resized
+    only if training resized; (1, C, H, W), or an InputError naming the file and the shapes the model takes."""
+    from pipeline.images import ImageError, decode_pixels, read_pixels
 
     channels, height, width = predictor.input_shape
+    size = (height, width) if predictor.image_size else None
     try:
-        pixels = read_pixels(path, channels, (height, width) if predictor.image_size else None)
+        pixels = read_pixels(Path(path), channels, size) if data is None else decode_pixels(data, channels, size, name=str(path))
     except ImageError as err:
         raise InputError(str(err)) from None
     return _checked(path, predictor, pixels)
 
 
-def _checked(path: Path, predictor: Predictor, inputs: np.ndarray | pd.DataFrame) -> np.ndarray:
+def _checked(path: Path | str, predictor: Predictor, inputs: np.ndarray | pd.DataFrame) -> np.ndarray:
     try:
         return predictor.as_batch(inputs)
     except InputError as err:

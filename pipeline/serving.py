@@ -39,6 +39,10 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)  # the network computes in float32
 class InputError(BadInput):
     """Inputs a model cannot take; the message names the expected shape or columns."""
 
+    def __init__(self, message: str, row: int | None = None) -> None:
+        super().__init__(message)
+        self.row = row  # the first row at fault, where it is one row: batch scoring names it by the row's other columns
+
 
 def export_model(checkpoint_dir: Path, folder: Path) -> dict[str, Any]:
     """Write the model part of a training checkpoint (no optimizer state) and describe its inputs."""
@@ -162,8 +166,9 @@ class Predictor(nn.Module):
         outputs = torch.cat([self(part.to(device)).float().cpu() for part in batch.split(EVAL_BATCH)])
         overflowed = ~torch.isfinite(outputs).flatten(1).all(dim=1)
         if overflowed.any():  # inputs far outside the training data's range: no answer rather than a NaN one
-            raise InputError(f"row {int(overflowed.float().argmax())}: the model's output is not finite for this input "
-                             f"({int(overflowed.sum())} rows); inputs this far from the training data have no answer")  # fmt: skip
+            row = int(overflowed.float().argmax())
+            raise InputError(f"row {row}: the model's output is not finite for this input ({int(overflowed.sum())} rows); "
+                             "inputs this far from the training data have no answer", row)  # fmt: skip
         return outputs_table(outputs, self.output, self.classes)
 
 
@@ -179,7 +184,7 @@ def _finite(features: np.ndarray) -> np.ndarray:
         bad |= (np.abs(features) > FLOAT32_MAX).any(axis=1)
     if bad.any():
         raise InputError(f"row {int(np.argmax(bad))} holds a NaN, an infinite value or one beyond float32's range "
-                         f"(+-{FLOAT32_MAX:.4g}) ({int(bad.sum())} rows do): the model gives no answer for those")  # fmt: skip
+                         f"(+-{FLOAT32_MAX:.4g}) ({int(bad.sum())} rows do): the model gives no answer for those", int(np.argmax(bad)))  # fmt: skip
     return features.astype(np.float32, copy=False)
 
 
