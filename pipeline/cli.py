@@ -2,6 +2,7 @@
 
     pipeline train conf/fashion_mnist_cnn.yaml train.epochs=3 scaling.num_workers=2
     pipeline predict fashion_mnist_cnn@champion shoe.png --out predictions.csv
+    pipeline predict circles_classifier@champion 'points/*.parquet' --out scored/   # a data set: Ray Data if large
     pipeline tune conf/fashion_mnist_cnn.yaml tune.num_samples=8
     pipeline run conf/fashion_mnist_cnn.yaml            # search, then register (or retrain) the best
     pipeline ui
@@ -64,11 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("run", "the whole job: search, then (tune.retrain_best) retrain the best on train+val and test it")):  # fmt: skip
         search = _experiment_command(commands, name, text)
         search.add_argument("--resume", action="store_true", help="accepted for older scripts: the same command resumes anyway")
-    predict = commands.add_parser("predict", help="run a registered model on images, .npy arrays or tables")
-    predict.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion, or NAME/VERSION")
-    predict.add_argument("inputs", nargs="+", metavar="INPUT", help=".png/.jpg images, .npy arrays, .csv/.parquet tables")
-    predict.add_argument("--out", help="write a .csv or .parquet file instead of printing the table")
-    predict.add_argument("--verbose", action="store_true", help="show MLflow's own logs")
+    _predict_command(commands)
+    _serve_command(commands)
     ui = commands.add_parser("ui", help="serve the MLflow UI for the tracking store (the embedded default here)")
     ui.add_argument("--host", default="127.0.0.1", help="address to bind; anything else than 127.0.0.1 exposes the UI")
     ui.add_argument("--port", type=int, default=5000)
@@ -90,6 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("job_id", metavar="ID", help="what `pipeline submit` printed")
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends; exit 0 only if it SUCCEEDED")
     return parser
+
+
+def _serve_command(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="serve a registered model over HTTP (Ray Serve), following its alias")
+    serve.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion (followed as it moves), or NAME/VERSION (pinned)")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; on a cluster, RAY_ADDRESS set: 0.0.0.0)")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--replicas", type=int, help="a fixed number of replicas (default 1)")
+    serve.add_argument("--min-replicas", type=int, help="autoscaling: at least this many replicas (with --max-replicas)")
+    serve.add_argument("--max-replicas", type=int, help="autoscaling: at most this many replicas")
+    serve.add_argument("--poll-s", type=float, default=10.0, help="how often each replica looks where the alias points (default 10)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="requests run through the model at once, at most (default 32)")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--verbose", action="store_true", help="show Ray Serve's and MLflow's own logs, access logs included")
 
 
 def _cluster_command(commands: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
@@ -123,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     if not args.verbose:
         _quiet_libraries()
-    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "runs": _records, "models": _records,
+    commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "serve": _serve, "runs": _records, "models": _records,
                 "submit": _submit, "jobs": _jobs}  # fmt: skip
     try:
         return commands[args.command](args)
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except RunFailed as err:  # the cause on one line (a worker's own error), without Ray's stack
-        print(f"error: training failed: {err}", file=sys.stderr)
+        print(f"error: {({'predict': 'batch inference', 'serve': 'serving'}).get(args.command, 'training')} failed: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated): what ran is marked KILLED already
         how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
@@ -215,14 +227,51 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_command(commands: argparse._SubParsersAction) -> None:
+    predict = commands.add_parser("predict", help="run a registered model on files, or on a data set of any size (batch inference)")
+    predict.add_argument("model", metavar="NAME@ALIAS", help="e.g. mnist_mlp@champion, or NAME/VERSION")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help=".png/.jpg images, .npy arrays, .csv/.parquet tables; or one data set: "
+                         "a folder, a quoted glob ('data/*.parquet') or a URI (s3://...) of Parquet files or images")  # fmt: skip
+    predict.add_argument("--out", help="files: a .csv or .parquet file (default: the table on stdout); a data set: a new folder")
+    data_set = predict.add_argument_group("data sets (batch inference)")
+    data_set.add_argument("--engine", choices=("auto", "local", "ray"), default="auto",
+                          help="local: in this process; ray: Ray Data actors (RAY_ADDRESS: on that cluster); auto: ray from 256 MiB of input")  # fmt: skip
+    data_set.add_argument("--actors", type=_positive, help="ray: model copies (default: one per GPU, else one per 2 CPUs)")
+    data_set.add_argument("--batch-size", type=_positive, help="rows per model call (default 4096 table rows, 256 images)")
+    predict.add_argument("--verbose", action="store_true", help="show MLflow's and Ray Data's own logs")
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return int(text)
+
+
 def _predict(args: argparse.Namespace) -> int:
     from pipeline.predict import check_out, predict_files, write_table
     from pipeline.registry import load_model
+    from pipeline.scoring_inputs import find_data_set
+    from pipeline.serving import InputError
     from pipeline.tracking import check_store, resolve_store
 
-    check_out(args.out)
+    data = find_data_set(args.inputs)  # a folder, a glob or a URI: a data set, scored into a folder of Parquet files
+    if data is None:
+        check_out(args.out)
+        if args.engine == "ray":
+            raise InputError("--engine ray: for a data set (a folder, a glob or a URI); files are scored in this process")
+    elif args.out is None:
+        raise InputError(f"{data.source}: a data set is written as a folder of Parquet files: give --out FOLDER")
     check_store(resolve_store(None))  # a server that does not answer: said in 5 s, not after MLflow's minutes of retries
-    write_table(predict_files(load_model(args.model), args.inputs), args.out)
+    if data is None:
+        write_table(predict_files(load_model(args.model), args.inputs), args.out)
+        return 0
+    from pipeline.console import ScoringDisplay
+    from pipeline.scoring import ScoringOptions, score_data_set
+
+    options = ScoringOptions(args.engine, args.actors, args.batch_size, args.verbose)
+    with ScoringDisplay() as display:
+        scored = score_data_set(args.model, data, args.out, options, display)
+    print(scored.line())
     return 0
 
 
@@ -273,12 +322,43 @@ def _ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """`pipeline serve`: deploy, then (on this machine) serve until Ctrl-C; on a cluster the application stays there."""
+    from pipeline.runtime import on_cluster
+    from pipeline.service import deploy, parse_args, shutdown, watch_versions
+
+    names = ("model", "replicas", "min_replicas", "max_replicas", "poll_s", "max_batch_size", "batch_wait_ms")
+    serve_args = parse_args({name: getattr(args, name) for name in names if getattr(args, name) is not None})
+    if not on_cluster():
+        _check_port_free(args.host or "127.0.0.1", args.port)
+    deployed = deploy(serve_args, host=args.host, port=args.port, verbose=args.verbose)
+    where = f"port {args.port} of the cluster's nodes, e.g. {deployed.url}" if deployed.on_cluster else deployed.url
+    print(f"serving {args.model} (version {deployed.version}) at {where}", flush=True)
+    print(f"  curl {deployed.url}/healthz\n  curl {deployed.url}/predict -H 'Content-Type: application/json' "
+          f"-d '{{\"images\": [\"'$(base64 -w0 digit.png)'\"]}}'", flush=True)  # fmt: skip
+    if deployed.on_cluster:  # the application lives on the cluster, without this process
+        print("it runs on the cluster until stopped: `serve status -a http://HEAD:8265` shows it, "
+              "`serve shutdown -a http://HEAD:8265` stops it (HEAD: the Ray head, its dashboard port)", flush=True)  # fmt: skip
+        return 0
+    print("Ctrl-C stops it", flush=True)
+    try:
+        watch_versions(deployed, lambda line: print(line, flush=True), every_s=min(serve_args.poll_s, 5.0))
+    except KeyboardInterrupt as stop:
+        if not isinstance(stop, Terminated):  # SIGTERM: exit_now ends Ray's processes at once
+            shutdown()
+        raise
+    return 0
+
+
 def _check_port_free(host: str, port: int) -> None:
     """A taken port is said before the server starts: it would fail quietly, and the browser would show
     whatever else answers there."""
     import socket
 
     with socket.socket() as probe:
+        # As servers bind (uvicorn, Ray Serve's proxy): a port that a server just left, its connections in
+        # TIME_WAIT for a minute, is free; only a program that listens there makes the bind fail (Linux).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as err:

@@ -2,8 +2,10 @@
 
     channels = channels_of(first_image)                  # 1 (grayscale kinds) or 3 (everything else)
     pixels = read_pixels(path, channels, size=(28, 28))  # uint8 (C, H, W), or ImageError naming the file
+    pixels = decode_pixels(png_bytes, channels, name="images[0]")   # the same from a file's bytes (HTTP requests)
 
-Training's image folders (data/sources.py) and `pipeline predict` (predict.py) both read files here, so an image
+Training's image folders (data/sources.py), `pipeline predict` (predict.py) and `pipeline serve` (payloads.py,
+images sent as base64 bytes) all read images here, so an image
 is turned into pixels the same way on both sides: every mode converted to grayscale or RGB as Pillow
 converts it (palette through its colours, alpha dropped), 16-bit and 32-bit integer images scaled to 8 bits
 (not clipped to white, as Pillow's own conversion does), resized only when asked (the training data was).
@@ -11,8 +13,9 @@ converts it (palette through its colours, alpha dropped), 16-bit and 32-bit inte
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
@@ -21,7 +24,7 @@ from pipeline.errors import BadInput
 if TYPE_CHECKING:  # Pillow is imported where an image is read, not when this module is
     from PIL.Image import Image as PILImage
 
-__all__ = ["ImageError", "channels_of", "open_image", "read_pixels", "to_pixels"]
+__all__ = ["ImageError", "channels_of", "decode_pixels", "open_image", "read_pixels", "to_pixels"]
 
 GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 WIDE_INTEGER_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16 or 32 bits per pixel: scaled, not clipped
@@ -36,28 +39,37 @@ def channels_of(image: object) -> int:
     return 1 if getattr(image, "mode", "") in GRAYSCALE_MODES else 3
 
 
-def open_image(path: Path) -> PILImage:
-    """A file's image, loaded, or an ImageError naming the file: not an image, damaged, or too large to load."""
+def open_image(path: Path | IO[bytes], name: str | None = None) -> PILImage:
+    """A file's image, loaded, or an ImageError naming the file (or `name`): not an image, damaged, or too large to load."""
     from PIL import Image, UnidentifiedImageError
 
+    where = name or path
     try:
         with Image.open(path) as image:
             image.load()
             return image
     # Damaged files also surface as Pillow's parser errors: SyntaxError ("broken PNG file"), ValueError ("Truncated IHDR chunk").
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-        raise ImageError(f"{path}: not an image that can be read ({type(err).__name__})") from None
+        raise ImageError(f"{where}: not an image that can be read ({type(err).__name__})") from None
     except Image.DecompressionBombError as err:  # a header claiming more pixels than Pillow will allocate
-        raise ImageError(f"{path}: {err} Resize it to the model's input size first") from None
+        raise ImageError(f"{where}: {err} Resize it to the model's input size first") from None
 
 
 def read_pixels(path: Path, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:
     """A file as uint8 (channels, height, width); resized to `size` (height, width) when given."""
-    image = open_image(path)
+    return _pixels(open_image(path), str(path), channels, size)
+
+
+def decode_pixels(data: bytes, channels: int, size: tuple[int, int] | None = None, name: str = "image") -> np.ndarray:
+    """An image file's bytes (PNG, JPEG, ...: what an HTTP client sends) as read_pixels reads the file; errors name `name`."""
+    return _pixels(open_image(io.BytesIO(data), name), name, channels, size)
+
+
+def _pixels(image: PILImage, where: str, channels: int, size: tuple[int, int] | None) -> np.ndarray:
     try:
         return to_pixels(image, channels, size)
     except ImageError as err:
-        raise ImageError(f"{path}: {err}") from None
+        raise ImageError(f"{where}: {err}") from None
 
 
 def to_pixels(image: PILImage, channels: int, size: tuple[int, int] | None = None) -> np.ndarray:

@@ -171,9 +171,10 @@ def pod_templates(doc: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     where = f"{doc['kind']} {doc['metadata']['name']}"
     if doc["kind"] in WORKLOAD_KINDS:
         return [(where, doc["spec"]["template"])]
-    if doc["kind"] == "RayCluster":
-        head = [(f"{where} head", doc["spec"]["headGroupSpec"]["template"])]
-        workers = [(f"{where} group {g['groupName']}", g["template"]) for g in doc["spec"].get("workerGroupSpecs", [])]
+    if doc["kind"] in ("RayCluster", "RayService"):
+        cluster = doc["spec"]["rayClusterConfig"] if doc["kind"] == "RayService" else doc["spec"]
+        head = [(f"{where} head", cluster["headGroupSpec"]["template"])]
+        workers = [(f"{where} group {g['groupName']}", g["template"]) for g in cluster.get("workerGroupSpecs", [])]
         return head + workers
     if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
         return [(f"{where} submitter", doc["spec"]["submitterPodTemplate"])]
@@ -257,7 +258,7 @@ def test_both_overlays_build_without_duplicates(overlay: tuple[str, list[dict[st
     name, docs = overlay
     keys = [(doc["kind"], doc["metadata"]["name"]) for doc in docs]
     assert len(keys) == len(set(keys)), f"{name}: duplicate resources"
-    assert {kind for kind, _ in keys} >= {"RayCluster", "RayJob", "Deployment", "StatefulSet", "Service",
+    assert {kind for kind, _ in keys} >= {"RayCluster", "RayJob", "RayService", "Deployment", "StatefulSet", "Service",
                                          "PersistentVolumeClaim", "Job", "NetworkPolicy"}  # fmt: skip
     assert {doc["metadata"].get("namespace") for doc in docs} == {"pipeline"}
 
@@ -340,7 +341,7 @@ def test_the_cluster_extra_has_the_mlflow_server_drivers() -> None:
 def test_ray_resources_are_ray_io_v1_with_autoscaling_and_token_auth(overlay: tuple[str, list[dict[str, Any]]]) -> None:
     _, docs = overlay
     for doc in docs:
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             assert doc["apiVersion"] == "ray.io/v1"
     spec = one(docs, "RayCluster", "pipeline")["spec"]
     assert spec["authOptions"]["mode"] == "token"
@@ -370,6 +371,41 @@ def test_the_ray_job_runs_a_pipeline_command_on_a_conf_of_this_repo(overlay: tup
     assert local_conf.is_file(), f"{conf}: no {local_conf.relative_to(REPO)} in this repository"
     cfg = load_config(local_conf, overrides)  # the overrides are valid keys and values
     assert cfg.storage_path.startswith("/mnt/shared/") and cfg.data.root.startswith("/mnt/shared/")
+
+
+def test_the_ray_service_serves_pipeline_serve_s_application_on_our_image(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    """The RayService runs what `pipeline serve` runs (pipeline.service:build_app) with arguments it accepts, its
+    replicas reach the in-cluster MLflow, and the namespace reaches Serve's port."""
+    import importlib
+
+    from pipeline.service import parse_args
+
+    _, docs = overlay
+    service = one(docs, "RayService", "pipeline-serve")["spec"]
+    config = yaml.safe_load(service["serveConfigV2"])
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = config["applications"]
+    module, _, name = app["import_path"].partition(":")
+    assert (module, name) == ("pipeline.service", "build_app") and callable(getattr(importlib.import_module(module), name))
+    args = parse_args(app["args"])  # ServeArgs: unknown keys, bad values and a bad model reference raise
+    assert args.tracking_uri == "http://mlflow:5000" and args.model.endswith("@champion") and args.most_replicas >= 1
+    cluster = service["rayClusterConfig"]
+    assert cluster["rayVersion"] == one(docs, "RayCluster", "pipeline")["spec"]["rayVersion"]
+    assert cluster["authOptions"]["mode"] == "token"
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", "replicas go to workers"
+    serve_cpus = min(int(ray_container(g["template"])["resources"]["limits"]["cpu"]) for g in cluster["workerGroupSpecs"])
+    assert serve_cpus >= args.num_cpus, "a worker pod holds at least one replica"
+    for where, template in pod_templates(one(docs, "RayService", "pipeline-serve")):
+        container = ray_container(template)
+        assert env_of(container)["MLFLOW_TRACKING_URI"]["value"] == args.tracking_uri, where
+        assert 8000 in {p["containerPort"] for p in container["ports"]}, f"{where}: Serve's proxy port"
+        labels = template["metadata"]["labels"]
+        policies = [d["spec"] for d in docs if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"].get("matchLabels")
+                    and labels_match(d["spec"]["podSelector"]["matchLabels"], labels)]  # fmt: skip
+        ports = {p["port"] for spec in policies for rule in spec["ingress"] if rule["from"] == [{"podSelector": {}}] for p in rule["ports"]}
+        assert 8000 in ports, f"{where}: the namespace's pods cannot reach Serve"
+        assert any(rule["from"] == [{"podSelector": spec["podSelector"]}] and "ports" not in rule
+                   for spec in policies for rule in spec["ingress"]), f"{where}: its Ray nodes cannot reach each other"  # fmt: skip
 
 
 def test_the_shared_volume_is_read_write_many_and_on_every_ray_node(overlay: tuple[str, list[dict[str, Any]]]) -> None:
@@ -481,6 +517,17 @@ def test_secrets_are_referenced_never_written(overlay: tuple[str, list[dict[str,
     text = "\n".join(path.read_text() for path in K8S.rglob("*.yaml"))
     assert not re.search(r"://[^/\s:@$]+:[^@\s$]+@", text), "a URI with a literal password"
     assert not re.search(r"(?im)^\s*(stringData|password)\s*:", text)
+
+
+def test_every_pod_that_reaches_mlflow_signs_in_from_the_secret(overlay: tuple[str, list[dict[str, Any]]]) -> None:
+    _, docs = overlay
+    clients = [
+        (where, env_of(c)) for where, template in all_pods(docs) for c in containers(template["spec"]) if "MLFLOW_TRACKING_URI" in env_of(c)
+    ]
+    assert len(clients) >= 4  # Ray head and workers, the RayService's head and workers
+    for where, env in clients:
+        for name, key in (("MLFLOW_TRACKING_USERNAME", "username"), ("MLFLOW_TRACKING_PASSWORD", "password")):
+            assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key}, f"{where}: {name}"
 
 
 def test_the_readme_creates_the_secret_keys_the_manifests_use(built: dict[str, list[dict[str, Any]]]) -> None:
