@@ -236,9 +236,13 @@ def run_interruptibly(work: Callable[[], T], watch: Callable[[], None] | None = 
 @contextmanager
 def event_pump(emit: Callable[[dict[str, Any]], None]) -> Iterator[Any]:
     """A Ray queue that rank 0 writes progress to, drained by a driver thread while the run goes on."""
+    import ray
     from ray.util.queue import Empty, Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    queue = Queue()
+    # On this node, with the driver: placed anywhere, a lost node could take the queue (and the run) with it.
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
 
     def drain(block: bool) -> None:

@@ -21,7 +21,7 @@ from pipeline.config import load_config
 from pipeline.data.store import load_splits
 from pipeline.loop import load_checkpoint
 from pipeline.train import run_training
-from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, run_cli, runs_of, tiny
+from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, mlflow_client, run_cli, runs_of, tiny
 
 PNG_CLASSES = 3  # test images per predict call
 
@@ -386,7 +386,7 @@ def test_a_server_with_authentication_takes_credentials_from_the_environment_and
     done = run_cli(*args, "--output", "json", env={**env, "MLFLOW_TRACKING_PASSWORD": password})
     assert done.returncode == 0, done.stderr
     assert password not in done.stdout + done.stderr
-    admin = MlflowClient(f"http://admin:{password}@127.0.0.1:{url.rsplit(':', 1)[1]}")
+    admin = mlflow_client(f"http://admin:{password}@127.0.0.1:{url.rsplit(':', 1)[1]}")  # registry too: not MLFLOW_REGISTRY_URI
     (run,) = runs_of(admin, "authed")
     assert run.info.status == "FINISHED" and password not in json.dumps([run.data.params, run.data.tags])
     assert admin.get_model_version_by_alias("authed", "champion").run_id == run.info.run_id
