@@ -11,7 +11,6 @@ allowed. Nothing here imports torch or Ray, so a bad config fails in well under 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -19,10 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import BadInput, describe_invalid
+from pipeline.config_yaml import apply_override, read_yaml
+from pipeline.errors import ConfigError, describe_invalid
 
 __all__ = [
     "DATASET_NAMES",
@@ -60,10 +59,6 @@ _MODEL_NAME = re.compile(r"^[\w-][\w .-]{0,199}$")
 # $VAR and ${VAR}: os.path.expandvars' own pattern, so every variable it would expand is checked first.
 _ENV_VAR = re.compile(r"\$(\w+|\{[^}]*\})", re.ASCII)
 _PATH_SCHEMES = ("sqlite:///", "file://", "file:")  # URIs whose remainder is a local path
-
-
-class ConfigError(BadInput):
-    """A config that cannot be used; the message names the key path and the fix."""
 
 
 class _Section(BaseModel):
@@ -237,9 +232,15 @@ class TuneSection(_Section):
     num_samples: int = Field(4, ge=1, description="samples of the space (each grid point num_samples times)")
     metric: str | None = Field(None, description="default: train.metric")
     mode: Literal["min", "max"] | None = None
-    scheduler: Literal["asha", "fifo"] = "asha"
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it may be stopped")
     reduction_factor: float = Field(2.0, gt=1)
+    # Population Based Training (pbt.py): every perturbation_interval epochs the worst quantile_fraction of
+    # the trials copy the weights and optimizer of one of the best and perturb its hyperparam_mutations.
+    perturbation_interval: int = Field(2, ge=1, description="PBT: epochs between exploits")
+    hyperparam_mutations: dict[str, dict[str, Any]] = Field(default_factory=dict, description="PBT: tune.space's syntax")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: the share of trials that exploit (and are copied)")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: resampled, else multiplied by 0.8 or 1.2")
     search: Literal["random", "optuna"] = "random"
     max_concurrent_trials: int | None = Field(None, ge=1, description="default: as many as the cluster's CPUs/GPUs fit")
     # in_process: each trial trains in its Tune actor (one worker, no worker group); workers: a Ray Train
@@ -247,7 +248,7 @@ class TuneSection(_Section):
     trial_runner: Literal["auto", "in_process", "workers"] = "auto"
     retrain_best: bool = Field(False, description="pipeline run: retrain the best config on train+val, test it")
 
-    @field_validator("space")
+    @field_validator("space", "hyperparam_mutations")
     @classmethod
     def _one_distribution_per_key(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for key, spec in space.items():
@@ -304,10 +305,10 @@ class ExperimentConfig(_Section):
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment, apply `key.path=value` overrides, and validate everything."""
-    raw = _read_yaml(Path(path)) if path is not None else {}
+    raw = read_yaml(Path(path)) if path is not None else {}
     source = str(path) if path is not None else "overrides"
     for override in overrides:
-        _apply_override(raw, override)
+        apply_override(raw, override)
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as err:
@@ -363,83 +364,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.safe_load's loader, except that a key given twice in one mapping is an error: PyYAML keeps
-    the last, so a second `data:` section would silently drop the first."""
-
-    def construct_document(self, node: yaml.Node) -> Any:
-        # Checked on the composed tree, before construction: a `<<: *anchor` merge flattens the anchored
-        # mapping in place, after which it repeats the keys it overrides, so a per-mapping check misfires.
-        self._refuse_duplicates(node, (), set())
-        return super().construct_document(node)
-
-    def _refuse_duplicates(self, node: yaml.Node, path: tuple[str, ...], seen: set[int]) -> None:
-        if id(node) in seen:  # an alias of a node already checked (anchors may even be recursive)
-            return
-        seen.add(id(node))
-        pairs = node.value if isinstance(node, yaml.MappingNode) else []
-        items = node.value if isinstance(node, yaml.SequenceNode) else []
-        first: dict[Any, int] = {}
-        for key_node, value_node in pairs:
-            key_path = (*path, str(key_node.value))
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-                if key in first:  # a section is a block mapping; `{uniform: [1, 2]}` is one value
-                    section = isinstance(value_node, yaml.MappingNode) and not value_node.flow_style
-                    fix = "merge the two sections" if section else "keep one of the two"
-                    raise ConfigError(f"line {line}: duplicate key {'.'.join(key_path)} (first at line {first[key]}); {fix}")
-                first[key] = line
-            self._refuse_duplicates(value_node, key_path, seen)
-        for index, item in enumerate(items):
-            self._refuse_duplicates(item, (*path, str(index)), seen)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; the experiments are in conf/*.yaml")
-    try:
-        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
-    except ConfigError as err:  # a duplicate key; the loader does not know the file
-        raise ConfigError(f"{path}: {err}") from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise ConfigError(f"{path}:{line} is not valid YAML: {getattr(err, 'problem', err)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys, got {type(raw).__name__}")
-    return raw
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> None:
-    key, sep, text = override.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {override!r}: write it as key.path=value, e.g. optim.lr=0.01")
-    value = _parse_value(text)
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _parse_value(text: str) -> Any:
-    """An override's value, read as YAML, except that on a command line `#` is never a comment:
-    `tracking.experiment=run #2` is 'run #2', where YAML would read 'run'."""
-    try:
-        tokens = list(yaml.scan(text))
-        # The scanner skips comments only, so a `#` between two tokens starts one. ('x #y' is one token.)
-        if any("#" in text[a.end_mark.index : b.start_mark.index] for a, b in itertools.pairwise(tokens)):
-            return text
-        return yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        return text  # not YAML: keep the string and let validation judge it
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -17,11 +17,15 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
-__all__ = ["BadInput", "RunFailed", "describe_invalid"]
+__all__ = ["BadInput", "ConfigError", "RunFailed", "describe_invalid"]
 
 
 class BadInput(ValueError):
     """Refused before any work: the message names the problem (key path, file, value) and the fix."""
+
+
+class ConfigError(BadInput):
+    """A config that cannot be used; the message names the key path and the fix."""
 
 
 class RunFailed(RuntimeError):
