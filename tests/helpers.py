@@ -129,6 +129,11 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 90) ->
     raise TimeoutError(f"{url} did not answer within {timeout_s} s")
 
 
+# MLflow 3's server starts a job runner (huey consumers for its GenAI jobs) beside uvicorn unless told not to: the
+# tests run no such jobs, and on 2 cores those processes only slow every server's start and the tests beside it.
+NO_JOB_RUNNER = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def start_mlflow_server(root: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`mlflow server` on 127.0.0.1:port, its store and artifacts in `root` (the same root: the same runs);
     `extra`: more of its options (`--app-name basic-auth`)."""
@@ -136,7 +141,8 @@ def start_mlflow_server(root: Path, port: int, *extra: str, env: dict[str, str] 
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"), *extra,
     ]  # fmt: skip
-    server = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(command, cwd=root, env={**(env or os.environ), **NO_JOB_RUNNER}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", server)
     except BaseException:
@@ -239,7 +245,8 @@ def start_mlflow_on_stack(root: Path, port: int, stack: Stack) -> subprocess.Pop
     credentials), MLflow's basic-auth app with the admin's password from the environment."""
     (root / "auth.ini").write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {stack.backend_uri}\nadmin_username = admin\n")
     env = {**os.environ, **stack.s3_env(), "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": stack.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.admin_password[::-1]}  # fmt: skip
+           "MLFLOW_AUTH_ADMIN_PASSWORD": stack.admin_password, "MLFLOW_FLASK_SERVER_SECRET_KEY": stack.admin_password[::-1],
+           **NO_JOB_RUNNER}  # fmt: skip
     command = [
         sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--app-name", "basic-auth",
         "--backend-store-uri", stack.backend_uri, "--artifacts-destination", f"s3://{stack.bucket}/artifacts", "--serve-artifacts",
