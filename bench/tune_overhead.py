@@ -1,6 +1,6 @@
 """Ray Tune: what one trial costs on each trial runner, and what ASHA saves over running every trial to the end.
 
-    .venv/bin/python -m bench.tune_overhead            # about 3 minutes on 2 cores
+    .venv/bin/python -m bench.tune_overhead            # about 5 minutes on 2 cores
     .venv/bin/python -m bench.tune_overhead --quick    # 2 trials per runner, 2-epoch ASHA: a smoke test
     .venv/bin/python -m bench.tune_overhead --trials 8 --worker-trials 4
 
@@ -18,7 +18,13 @@ temporary folder. Trials run one at a time, in grid order (tune.max_concurrent_t
 - ASHA vs FIFO: 4 trials, optim.lr in [0.05, 0.02, 0.00001, 0.00002] (the last two learn next to
   nothing), train.epochs=8, in_process; ASHA (grace_period 1, reduction_factor 2) against FIFO, which
   runs every trial to the end. "epochs trained" sums every trial's epochs; the best val_mse of the two
-  should agree.
+  should agree;
+- PBT vs ASHA vs random search on about the same budget of epochs: optim.lr drawn from loguniform
+  [1e-5, 1e-2] (most draws too small to converge in 8 epochs), 2 trials at a time, in_process: random
+  search (FIFO) and PBT (perturbation_interval 2, quantile 0.5, optim.lr mutated within the same range)
+  with 2 trials (PBT trains its whole population at once: 2 on 2 cores), ASHA with 6 (its early stops
+  leave it about the same epochs). Sampling is
+  not seeded: each run draws its own values, so one run's best values are one draw, not an average.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from bench.common import CONF_DIR, bench_module, markdown_table, median, run_tim
 CONF = CONF_DIR / "linear_regression.yaml"
 ASHA_LRS = ("0.05", "0.02", "0.00001", "0.00002")  # fixed-point: PyYAML reads 1e-05 as text
 RUNNERS = ("in_process", "workers")
+POPULATION_SPACE = "{optim.lr: {loguniform: [1.0e-5, 1.0e-2]}}"
 SCHEDULERS = ("asha", "fifo")
 
 
@@ -163,6 +170,23 @@ def asha_table(epochs: int) -> tuple[str, list[dict[str, Any]]]:
     return markdown_table(headers, rows), list(found.values())
 
 
+def scheduler_overrides(scheduler: str, trials: int, epochs: int) -> list[str]:
+    """The same space and epochs for each scheduler; ASHA gets 3x the trials, about the same epochs in all."""
+    return [f"tune.space={POPULATION_SPACE}", f"tune.scheduler={scheduler}", f"train.epochs={epochs}",
+            f"tune.num_samples={trials * 3 if scheduler == 'asha' else trials}", "tune.max_concurrent_trials=2",
+            "tune.trial_runner=in_process", "scaling.num_workers=1", "tune.perturbation_interval=2", "tune.quantile_fraction=0.5"]  # fmt: skip
+
+
+def schedulers_table(trials: int, epochs: int) -> tuple[str, list[dict[str, Any]]]:
+    found = {name: measure(f"scheduler={name}", scheduler_overrides(scheduler, trials, epochs))
+             for name, scheduler in (("random search (FIFO)", "fifo"), ("ASHA", "asha"), ("PBT", "pbt"))}  # fmt: skip
+    fifo = found["random search (FIFO)"]
+    rows = [(name, r["trials"], r["epochs"], f"{r['search']:.2f}", f"{r['search'] / fifo['search']:.2f}x", f"{r['best']:.4g}",
+             f"{r['best_lr']:.3g}") for name, r in found.items()]  # fmt: skip
+    headers = ["search", "trials", "epochs trained", "run_search s", "vs random", "best val_mse", "best trial's optim.lr (last)"]
+    return markdown_table(headers, rows), list(found.values())
+
+
 def machine_line(runs: list[dict[str, Any]], load: tuple[float, ...]) -> str:
     usable = len(os.sched_getaffinity(0))
     cpus = sorted({f"{r['ray_cpus']:g}" for r in runs})
@@ -177,6 +201,8 @@ def report(in_process_trials: int, worker_trials: int, asha_epochs: int) -> str:
     overhead, runs = overhead_table({"in_process": in_process_trials, "workers": worker_trials})
     print("ASHA vs FIFO:", flush=True)
     asha, more = asha_table(asha_epochs)
+    print("PBT vs ASHA vs random search:", flush=True)
+    schedulers, _ = schedulers_table(2, asha_epochs)
     return "\n".join([
         "## Tune: per-trial overhead and ASHA", "",
         machine_line(runs + more, load), "",
@@ -186,7 +212,10 @@ def report(in_process_trials: int, worker_trials: int, asha_epochs: int) -> str:
         overhead, "",
         f"### ASHA vs FIFO: 4 trials, optim.lr in [{', '.join(ASHA_LRS)}], {asha_epochs} epochs, in_process, one trial at a time", "",
         "ASHA: grace_period 1, reduction_factor 2, time attribute epoch; FIFO runs every trial to the end.", "",
-        asha,
+        asha, "",
+        f"### PBT vs ASHA vs random search: optim.lr from loguniform [1e-5, 1e-2], {asha_epochs} epochs, 2 trials at a time", "",
+        "Random search and PBT: 2 trials; ASHA: 6 (about the same epochs). PBT: perturbation_interval 2, quantile 0.5.", "",
+        schedulers, "",
     ])  # fmt: skip
 
 

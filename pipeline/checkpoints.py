@@ -160,10 +160,11 @@ class Session(Protocol):
 class RaySession:
     """A Ray Train worker: every rank calls `report` once per epoch; rank 0 passes the checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, start_from: str | None = None) -> None:
         import ray.train
         import ray.train.torch
 
+        self.start_from = start_from  # where a run without checkpoints of its own starts (build_trainer)
         context = ray.train.get_context()
         self.skipped: list[str] = []
         self.rank = context.get_world_rank()
@@ -179,6 +180,8 @@ class RaySession:
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.start_from:
+            checkpoint = ray.train.Checkpoint(self.start_from)
         if checkpoint is None:
             return None
         # Ray hands out the latest checkpoint only; the older ones beside it are the fallback.

@@ -21,6 +21,7 @@ from pipeline.data.store import DatasetSpec, decoded_mb, has_validation, materia
 from pipeline.execution import streams
 from pipeline.loop import memory_format, validation_metrics
 from pipeline.models import model_for, num_outputs
+from pipeline.pbt import check_pbt
 from pipeline.space import Dimension, parse_space
 
 __all__ = ["check_search", "check_training", "search_metric"]
@@ -61,6 +62,8 @@ def check_search(cfg: ExperimentConfig, *, retrain: bool = False) -> tuple[Datas
     if retrain and "test" not in spec.rows:
         raise ConfigError(f"tune.retrain_best: {cfg.data.name} has no test split to evaluate the retrained model on; set it to false")
     _check_trial_runner(cfg, spec)
+    if cfg.tune.scheduler == "pbt":
+        check_pbt(cfg, retrain)
     if cfg.tune.search == "optuna":
         _check_optuna(dimensions)
     return spec, dimensions

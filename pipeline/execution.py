@@ -33,6 +33,7 @@ __all__ = [
     "Trained",
     "TrainingError",
     "build_trainer",
+    "checkpoint_location",
     "execute",
     "execution_for",
     "plan_execution",
@@ -176,7 +177,7 @@ def _run_on_ray(
     metric, mode = ranking(cfg, spec)
     best = result.get_best_checkpoint(metric=metric, mode=mode) if metric and result.best_checkpoints else result.checkpoint
     metrics = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
-    return Trained(metrics, _checkpoint_location(cfg, best.path) if best else None)
+    return Trained(metrics, checkpoint_location(cfg, best.path) if best else None)
 
 
 def _worker_failure(err: Exception) -> str:
@@ -188,7 +189,7 @@ def _worker_failure(err: Exception) -> str:
     return str(err).strip().splitlines()[0]
 
 
-def _checkpoint_location(cfg: ExperimentConfig, path: str) -> str:
+def checkpoint_location(cfg: ExperimentConfig, path: str) -> str:
     """Ray gives object-store paths without their scheme; put it back so that the path can be opened."""
     scheme, sep, _ = cfg.storage_path.partition("://")
     return f"{scheme}://{path}" if sep and "://" not in path else path
@@ -204,12 +205,14 @@ def build_trainer(
     callbacks: list | None = None,
     tracking: TrackedRun | None = None,
     system_metrics: bool = False,
+    start_from: str | None = None,
 ) -> Any:
     """The one TorchTrainer of the project: training and every Tune trial on workers are built here.
 
     `folder`: the run's own folder (runs.RunPlan.folder), where Ray keeps its checkpoints and finds them
     again on resume. `tracking`: the MLflow run that rank 0 logs each epoch to (None: not tracked), and,
-    with `system_metrics`, each node's local rank 0 its node's figures (system_metrics.py)."""
+    with `system_metrics`, each node's local rank 0 its node's figures (system_metrics.py). `start_from`: a
+    checkpoint folder that a run without checkpoints of its own starts from (a PBT chunk: trial.train_in_chunks)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -228,6 +231,7 @@ def build_trainer(
             "tracking": tracking.to_json() if tracking else None,
             "system_metrics": system_metrics,
             "streaming": execution.streaming,
+            "start_from": start_from,
         },
         datasets=streaming_datasets(spec, cfg.data, cfg.seed) if execution.streaming else None,
         scaling_config=ScalingConfig(
@@ -259,7 +263,7 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
     # A user's model module (model.name=pkg.mod:Class) resolves as it does where `pipeline` was started.
     if config["driver_cwd"] not in sys.path:
         sys.path.insert(0, config["driver_cwd"])
-    session = RaySession()
+    session = RaySession(config.get("start_from"))
     queue = config.get("progress_queue")
     emit = queue.put_nowait if queue is not None and session.rank == 0 else None
     cfg = ExperimentConfig.model_validate(config["experiment"])

@@ -109,15 +109,27 @@ def metric_against(values: list, scores: list[float], key: str, metric: str, *, 
     return figure
 
 
-def trial_curves(curves: dict[str, list[tuple[int, float]]], metric: str, best: str) -> Figure:
-    """Every trial's metric per epoch on one figure; trials stopped early end early; the best is bold."""
+def trial_curves(
+    curves: dict[str, list[tuple[int, float]]], metric: str, best: str, exploits: dict[str, list[tuple[int, str]]] | None = None
+) -> Figure:
+    """Every trial's metric per epoch on one figure; trials stopped early end early; the best is bold.
+    `exploits` (PBT): per trial, (epoch, copied trial): a star where the trial took another's weights, its
+    curve going on from there."""
     figure, axes = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    marked = False
     for trial, points in sorted(curves.items()):
         epochs, values = zip(*points, strict=True)
         bold = trial == best
-        axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.5 if bold else 1, alpha=1 if bold else 0.6,
-                  label=f"{trial} (best)" if bold else trial)  # fmt: skip
-    axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} of every trial")
+        line = axes.plot(epochs, values, marker="o", markersize=3, linewidth=2.5 if bold else 1, alpha=1 if bold else 0.6,
+                         label=f"{trial} (best)" if bold else trial)[0]  # fmt: skip
+        at = dict(points)
+        for epoch, copied in (exploits or {}).get(trial, []):
+            if epoch in at:
+                axes.plot([epoch], [at[epoch]], marker="*", markersize=13, color=line.get_color(), markeredgecolor="black",
+                          linestyle="none", label=None if marked else "exploit: the next epoch on another trial's weights")  # fmt: skip
+                axes.annotate(f"<- {copied}", (epoch, at[epoch]), textcoords="offset points", xytext=(6, 6), fontsize=6)
+                marked = True
+    axes.set(xlabel="epoch", ylabel=metric, title=f"{metric} of every trial" + (" (PBT)" if exploits else ""))
     axes.grid(alpha=0.3)
     _whole_epochs(axes)
     if len(curves) <= 12:

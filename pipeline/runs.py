@@ -9,7 +9,8 @@ A run is its `name` plus a hash (`run_key`) of the config keys that define its r
 content hash. The keys in RESUMABLE_KEYS may change between invocations of one run (how long it trains,
 where and on what it runs, where data, checkpoints and tracking live); a change to any other key is a
 new run, in its own folder `<storage_path>/<name>/<key>/` with its own MLflow run. A search is keyed
-the same way, its `tune.*` keys included (but for those in SEARCH_RESUMABLE_KEYS).
+the same way, its `tune.*` keys included (but for those in SEARCH_RESUMABLE_KEYS). Its `tune.num_samples`
+is to a search what `train.epochs` is to a run: more of them grow the complete search (search_batches.py).
 
 Each run folder holds `run.json`: the key, the identity it hashes, and, once the run is complete
 (trained, tested, tracked, registered where asked), its result. The same command then trains nothing.
@@ -39,6 +40,7 @@ __all__ = [
     "held",
     "identity",
     "plan_run",
+    "record_batches",
     "run_folder",
     "run_key",
     "storage_uri",
@@ -66,6 +68,7 @@ SEARCH_RESUMABLE_KEYS = (
     *(k for k in RESUMABLE_KEYS if k not in ("tune", "train.epochs")),
     "tune.max_concurrent_trials",
     "tune.trial_runner",
+    "tune.num_samples",  # more samples add trials to the search, its trials so far kept (search_batches.py)
 )
 RECORD_FILE = "run.json"
 KEY_LENGTH = 12
@@ -97,10 +100,18 @@ class RunRecord:
     identity: dict[str, Any]
     created: float
     result: dict[str, Any] | None = None
+    # A search's batches: the tune.num_samples of each of its Tune experiments, in order, each recorded
+    # before it starts (search_batches.py): an interrupted batch resumes with its own count.
+    batches: list[int] = field(default_factory=list)
 
     @property
     def epochs_done(self) -> int:
         return int((self.result or {}).get("epochs", 0))
+
+    @property
+    def samples_done(self) -> int:
+        """A search's samples once it was last complete (0 before it ever was)."""
+        return int((self.result or {}).get("num_samples", 0))
 
 
 @dataclass
@@ -116,12 +127,17 @@ class RunPlan:
     fresh: bool = False  # begin_run deletes the folder first
     changed: list[str] = field(default_factory=list)  # "key: before -> now" against the latest other run
     previous_key: str | None = None  # that run's key
+    grow: tuple[int, int] | None = None  # a search asked for more samples: (those it has, those asked)
 
     def describe(self) -> str:
         """One line for the console: which run this is, and why."""
         what, done = ("search", "searched") if self.search else ("run", "trained")
         if self.state == "finished":
             return f"{self.name} ({self.key}) is already {done}: nothing new to do; add --fresh to start it over"
+        if self.state == "resume" and self.grow:
+            first = "growing the search" if self.record.result else "resuming the search from where it stopped, then growing it"
+            return (f"{self.name} ({self.key}): {first} from {self.grow[0]} to {self.grow[1]} samples (tune.num_samples); "
+                    "only the new trials train, those before are kept")  # fmt: skip
         if self.state == "resume":
             return f"{self.name} ({self.key}): resuming the {what} from where it stopped"
         if self.fresh:
@@ -143,7 +159,8 @@ def run_folder(cfg: ExperimentConfig, data_hash: str, *, search: bool = False) -
 def plan_run(cfg: ExperimentConfig, data_hash: str, *, fresh: bool, search: bool = False) -> RunPlan:
     """Which run `cfg` is, and what this invocation does with it (`fresh`: start it over). Reads only.
 
-    A run is complete when its record holds a result of at least train.epochs epochs; fewer: it resumes."""
+    A run is complete when its record holds a result of at least train.epochs epochs; fewer: it resumes.
+    A search, also of at least tune.num_samples samples; fewer: it grows (search_batches.py)."""
     key = run_key(cfg, data_hash, search=search)
     folder = f"{name_folder(cfg, search=search)}/{key}"
     record = None if fresh else _read_record(folder)
@@ -152,7 +169,12 @@ def plan_run(cfg: ExperimentConfig, data_hash: str, *, fresh: bool, search: bool
         changed, previous = _changes_from_latest(name_folder(cfg, search=search), record)
         return RunPlan(cfg.name, key, folder, "new", record, search, fresh, changed, previous)
     done = record.result is not None and record.epochs_done >= cfg.train.epochs
-    return RunPlan(cfg.name, key, folder, "finished" if done else "resume", record, search)
+    if not search:
+        return RunPlan(cfg.name, key, folder, "finished" if done else "resume", record)
+    planned = sum(record.batches)  # the samples of the Tune experiments it has started
+    grow = (planned, cfg.tune.num_samples) if 0 < planned < cfg.tune.num_samples else None
+    done = done and record.samples_done >= cfg.tune.num_samples
+    return RunPlan(cfg.name, key, folder, "finished" if done else "resume", record, search, grow=grow)
 
 
 def begin_run(plan: RunPlan, cfg: ExperimentConfig) -> None:
@@ -192,8 +214,14 @@ def held(plan: RunPlan) -> Iterator[None]:
         yield
 
 
+def record_batches(plan: RunPlan, batches: list[int]) -> None:
+    """A search's batches (search_batches.py), written before the new one starts."""
+    plan.record.batches = batches
+    _write_record(plan.folder, plan.record)
+
+
 def finish_run(plan: RunPlan, result: dict[str, Any]) -> None:
-    """Record the run as complete; `result` must hold `epochs`, the last epoch trained."""
+    """Record the run as complete; `result` must hold `epochs`, the last epoch trained (a search's, also `num_samples`)."""
     plan.record.result = result
     _write_record(plan.folder, plan.record)
 
@@ -263,7 +291,8 @@ def _write_record(folder: str, record: RunRecord) -> None:
     """Whole or not at all: a local file is replaced atomically; an object-store put is atomic itself."""
     import pyarrow.fs
 
-    text = json.dumps(asdict(record), indent=2, default=str).encode()
+    fields = {k: v for k, v in asdict(record).items() if k != "batches" or v}  # a training run's record as before
+    text = json.dumps(fields, indent=2, default=str).encode()
     if "://" not in folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         tmp = Path(folder) / f".{RECORD_FILE}.tmp"

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.config import ConfigError, ExperimentConfig, with_values
 
-__all__ = ["Dimension", "parse_space"]
+__all__ = ["Dimension", "parse_dimensions", "parse_space"]
 
 _NUMERIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -51,19 +51,24 @@ def parse_space(cfg: ExperimentConfig) -> list[Dimension]:
     """`tune.space` checked before any trial: real config keys, sane bounds, values the config accepts."""
     if not cfg.tune.space:
         raise ConfigError("tune.space: empty; add e.g. `tune: {space: {optim.lr: {loguniform: [1.0e-4, 1.0e-1]}}}` to the conf")
+    return parse_dimensions(cfg, cfg.tune.space, "tune.space")
+
+
+def parse_dimensions(cfg: ExperimentConfig, space: dict[str, dict[str, Any]], section: str) -> list[Dimension]:
+    """A mapping in tune.space's syntax (`section`: where it is written, for the messages), checked."""
     dimensions = []
-    for key, spec in cfg.tune.space.items():
+    for key, spec in space.items():
         kind, args = next(iter(spec.items()))
-        dimension = Dimension(key, kind, _arguments(key, kind, args))
+        dimension = Dimension(key, kind, _arguments(f"{section}.{key}.{kind}", kind, args))
         for value in dimension.candidates():
-            with_values(cfg, {key: value}, source=f"tune.space.{key}")  # unknown key or bad value: ConfigError
+            with_values(cfg, {key: value}, source=f"{section}.{key}")  # unknown key or bad value: ConfigError
         if kind in ("uniform", "loguniform"):
-            _check_fractions(cfg, dimension)
+            _check_fractions(cfg, dimension, f"{section}.{key}.{kind}")
         dimensions.append(dimension)
     return dimensions
 
 
-def _check_fractions(cfg: ExperimentConfig, dimension: Dimension) -> None:
+def _check_fractions(cfg: ExperimentConfig, dimension: Dimension, where: str) -> None:
     """An integer key accepts the bounds 16.0 and 64.0, then refuses every trial's 37.4: try a fraction inside."""
     low, high = dimension.args
     middle = (low + high) / 2
@@ -73,12 +78,10 @@ def _check_fractions(cfg: ExperimentConfig, dimension: Dimension) -> None:
         with_values(cfg, {dimension.key: inside})
     except ConfigError:
         whole = f"randint: [{math.ceil(low)}, {math.floor(high) + 1}]"  # randint's high is exclusive
-        where = f"tune.space.{dimension.key}.{dimension.kind}"
         raise ConfigError(f"{where}: {dimension.key} takes whole numbers; use {whole} or choice: [...]") from None
 
 
-def _arguments(key: str, kind: str, args: Any) -> tuple[Any, ...]:
-    where = f"tune.space.{key}.{kind}"
+def _arguments(where: str, kind: str, args: Any) -> tuple[Any, ...]:
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
             raise ConfigError(f"{where}: give a non-empty list of values, e.g. [32, 64]")

@@ -11,7 +11,7 @@ with Ray's `TuneReportCallback`, Train V2's Tune pattern).
 ASHA (time attribute: epoch) stops poor trials early. Trials are selected on validation metrics only.
 MLflow gets one parent run per search and one child run per trial; the best trial's best checkpoint is
 tested on the test split and registered once (champion / challenger). A search is a run (runs.py): the
-same command resumes it or reports it complete; a changed config or space is a new search.
+same command resumes it, grows it (more tune.num_samples) or reports it complete; a changed config or space is a new search.
 """
 
 from __future__ import annotations
@@ -28,15 +28,17 @@ from typing import Any
 import yaml
 from ray.tune import ProgressReporter
 
-from pipeline.checkpoints import run_checkpoints
 from pipeline.checks import check_search, search_metric
 from pipeline.config import ExperimentConfig, with_values
 from pipeline.data.store import DatasetSpec
 from pipeline.execution import Execution, TrainingError, execution_for, training_needs, trials_in_process
 from pipeline.loop import EmitFn
+from pipeline.pbt import check_population_fits, read_exploits, trial_checkpoints, tune_checkpoint_config
+from pipeline.pbt_scheduler import pbt_scheduler
 from pipeline.redaction import invocation, safe_config
-from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run, run_folder
+from pipeline.runs import RunPlan, begin_run, finish_run, held, plan_run
 from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, run_interruptibly
+from pipeline.search_batches import Batch, check_growth, plan_batches, read_results, warm_start
 from pipeline.space import Dimension
 from pipeline.tracking import (
     NOTE,
@@ -55,7 +57,7 @@ from pipeline.tracking import (
     set_tags,
 )
 from pipeline.train import nothing_new, recording, run_training
-from pipeline.trial import Emitter, TaggedQueue, trial_config, trial_driver
+from pipeline.trial import Emitter, TaggedQueue, trial_config, trial_driver, trial_folder
 
 __all__ = ["SearchResult", "Trial", "run_pipeline", "run_search"]
 
@@ -77,13 +79,14 @@ class Trial:
     history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, metric), every epoch the trial ran
     best_checkpoint: str | None = None
     error: str | None = None
+    exploits: list[dict[str, Any]] = field(default_factory=list)  # PBT: each weights copy it made (pbt.Exploit)
 
 
 @dataclass
 class SearchResult:
     name: str
     key: str  # the search's run key (runs.run_key): its folder is <storage_path>/<name>-tune/<key>
-    outcome: str  # "searched", "resumed", or "already searched" (nothing was trained)
+    outcome: str  # "searched", "resumed", "grown" (new trials added), or "already searched" (nothing was trained)
     metric: str
     mode: str
     trials: list[Trial]
@@ -136,6 +139,7 @@ def run_search(
     store = resolve_store(cfg.tracking.uri)
     check_store(store)
     plan = plan_run(cfg, spec.data_hash, fresh=fresh, search=True)
+    check_growth(cfg, plan)
     emit = on_event or (lambda event: None)
     if plan.state != "new" or plan.previous_key or plan.fresh:
         emit({"event": "info", "message": plan.describe()})
@@ -149,6 +153,7 @@ def run_search(
     needs = trial_needs(cfg, execution)
     check_fits(needs, "lower scaling.num_workers or scaling.cpus_per_worker")
     concurrency = max_concurrent_trials(cfg, needs)
+    check_population_fits(cfg, concurrency)
     tags = {"kind": "search", "run_key": plan.key, "scheduler": cfg.tune.scheduler, "search": cfg.tune.search,
             "trial_runner": "in_process" if in_process else "workers", NOTE: f"Made by `{invocation()}`"}  # fmt: skip
     with held(plan):
@@ -158,7 +163,7 @@ def run_search(
             result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, execution)
             if register:
                 result.registration = _register_best(parent, cfg, spec, result.best, plan.folder)
-            finish_run(plan, {**result.summary(), "epochs": cfg.train.epochs})
+            finish_run(plan, {**result.summary(), "epochs": cfg.train.epochs, "num_samples": sum(plan.record.batches)})
     return result
 
 
@@ -166,20 +171,25 @@ def _search(
     cfg: ExperimentConfig, spec: DatasetSpec, plan: RunPlan, store: Store, parent: TrackedRun, dimensions: list[Dimension],
     objective: tuple[str, str], concurrency: int, emit: EmitFn, verbose: bool, execution: Execution,
 ) -> SearchResult:  # fmt: skip
-    """Run (or resume) the trials, then read each one's whole history from its checkpoints and report."""
+    """Run the batches not yet complete (search_batches.py), then read every trial's whole history from its checkpoints and report."""
     metric, mode = objective
+    trials: list[Trial] = []
     with event_pump(emit) as queue:
         trainable = _trainable(cfg, spec, store, parent, queue, execution, plan.folder)
-        tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, plan.folder, verbose, execution.in_process)
-        try:
-            with _tune_console(verbose):
-                grid = run_interruptibly(tuner.fit, ResourceWatch(emit, cfg.scaling.resource_wait_s))
-        except KeyboardInterrupt:
-            end_running_children(parent, "KILLED")
-            raise
-    trials = [_trial(result, cfg, spec, plan.folder, metric, mode) for result in grid]
+        for batch in plan_batches(cfg, plan):
+            if batch.done:
+                grid = read_results(batch, trainable)
+            else:
+                tuner = _tuner(cfg, trainable, dimensions, metric, mode, concurrency, batch, verbose, execution.in_process, trials)
+                try:
+                    with _tune_console(verbose):
+                        grid = run_interruptibly(tuner.fit, ResourceWatch(emit, cfg.scaling.resource_wait_s))
+                except KeyboardInterrupt:
+                    end_running_children(parent, "KILLED")
+                    raise
+            trials += [_trial(result, cfg, spec, plan.folder, metric, mode) for result in grid]
     best = _best(trials, mode)
-    outcome = "searched" if plan.state == "new" else "resumed"
+    outcome = "searched" if plan.state == "new" else "grown" if plan.grow else "resumed"
     result = SearchResult(cfg.name, plan.key, outcome, metric, mode, trials, best, with_values(cfg, best.params), parent.run_id)
     _report_search(parent, cfg, result, dimensions)
     return result
@@ -267,30 +277,31 @@ def _tune_console(verbose: bool) -> Iterator[None]:
 
 
 def _tuner(cfg: ExperimentConfig, trainable: Any, dimensions: list[Dimension], metric: str, mode: str,
-           concurrency: int, folder: str, verbose: bool, in_process: bool) -> Any:  # fmt: skip
-    """A new search in `folder`, or the one Tune saved there, resumed: its finished and failed trials kept,
-    the unfinished ones continued (each from its own checkpoints)."""
+           concurrency: int, batch: Batch, verbose: bool, in_process: bool, known: list[Trial]) -> Any:  # fmt: skip
+    """A new batch of the search in its folder, or the one Tune saved there, resumed: its finished and failed
+    trials kept, the unfinished ones continued (each from its own checkpoints). `known`: the earlier batches' trials."""
     from ray import tune
 
-    if tune.Tuner.can_restore(folder):
-        return tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True, resume_errored=False)
-    storage, _, name = folder.rpartition("/")
+    if tune.Tuner.can_restore(batch.folder):
+        return tune.Tuner.restore(batch.folder, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    storage, _, name = batch.folder.rpartition("/")
     return tune.Tuner(
         trainable,
         param_space={d.key: d.to_ray() for d in dimensions},
         tune_config=tune.TuneConfig(
             metric=metric,
             mode=mode,
-            num_samples=cfg.tune.num_samples,
+            num_samples=batch.num_samples,
             max_concurrent_trials=concurrency,
             reuse_actors=in_process,  # an in-process trial's actor has torch and the data loaded already
             scheduler=_scheduler(cfg),
-            search_alg=_search_algorithm(cfg, metric, mode),
+            search_alg=_search_algorithm(cfg, metric, mode, known),
         ),
         run_config=tune.RunConfig(
             name=name,
             storage_path=storage,
             failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=tune_checkpoint_config() if cfg.tune.scheduler == "pbt" else None,
             verbose=None if verbose else 0,
             progress_reporter=None if verbose else _Silent(),
         ),
@@ -312,18 +323,20 @@ def _scheduler(cfg: ExperimentConfig) -> Any:
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
+    if cfg.tune.scheduler == "pbt":
+        return pbt_scheduler(cfg)
     # time_attr=epoch: a resumed trial keeps its epoch count, where Tune's own iteration count restarts.
     # stop_last_trials=False: a trial that reaches max_t ends on its own, its worker group shut down cleanly.
     return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs, grace_period=min(cfg.tune.grace_period, cfg.train.epochs),
                          reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)  # fmt: skip
 
 
-def _search_algorithm(cfg: ExperimentConfig, metric: str, mode: str) -> Any:
+def _search_algorithm(cfg: ExperimentConfig, metric: str, mode: str, known: list[Trial]) -> Any:
     if cfg.tune.search == "random":
-        return None  # Tune's default: random sampling, and every grid point
+        return None  # Tune's default: random sampling (unseeded: a new batch draws new samples), and every grid point
     from ray.tune.search.optuna import OptunaSearch  # checks.check_search made sure optuna is installed
 
-    return OptunaSearch(metric=metric, mode=mode)
+    return OptunaSearch(metric=metric, mode=mode, **warm_start(known))  # a grown search's Optuna goes on from its trials
 
 
 def _trial(result: Any, base: ExperimentConfig, spec: DatasetSpec, search_folder: str, metric: str, mode: str) -> Trial:
@@ -332,7 +345,8 @@ def _trial(result: Any, base: ExperimentConfig, spec: DatasetSpec, search_folder
     params = dict(result.config)
     found = _TRIAL_ID.search(Path(result.path).name)
     trial_id = (result.metrics or {}).get("trial_id") or (found.group(1) if found else Path(result.path).name)
-    checkpoints = run_checkpoints(run_folder(trial_config(base, params, trial_id, search_folder), spec.data_hash))
+    folder = trial_folder(base, params, trial_id, search_folder, spec.data_hash)
+    checkpoints = trial_checkpoints(folder)
     history = checkpoints[max(checkpoints)][1].get("history", []) if checkpoints else []
     # The last epoch Tune saw: a worker group may finish an epoch after the scheduler stopped its trial,
     # and what the scheduler did not see does not count.
@@ -346,7 +360,8 @@ def _trial(result: Any, base: ExperimentConfig, spec: DatasetSpec, search_folder
     kept = [epoch for epoch, _ in scored if epoch in checkpoints]
     chosen = best_epoch if best_epoch in checkpoints else pick(kept, key=dict(scored).__getitem__, default=None)
     status = "failed" if error else ("finished" if seen >= base.train.epochs else "stopped early")
-    return Trial(trial_id, params, status, seen, best_value, scored, checkpoints[chosen][0] if chosen else None, error)
+    exploits = [asdict(e) for e in read_exploits(folder)]
+    return Trial(trial_id, params, status, seen, best_value, scored, checkpoints[chosen][0] if chosen else None, error, exploits)
 
 
 def _error_line(error: BaseException | None) -> str | None:
@@ -388,6 +403,7 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
             "epochs": t.epochs,
             f"best_{result.metric}": t.best,
             **t.params,
+            **({"exploits": len(t.exploits)} if cfg.tune.scheduler == "pbt" else {}),
             "error": t.error or "",
         }
         for t in result.trials
@@ -405,7 +421,8 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
         )  # fmt: skip
         log_figure(parent, figure, f"plots/search_{dimension.key}.png")
     curves = {t.trial_id: t.history for t in result.trials if t.history}
-    log_figure(parent, plots.trial_curves(curves, result.metric, result.best.trial_id), "plots/trial_curves.png")
+    exploits = {t.trial_id: [(e["epoch"], e["copied_trial"]) for e in t.exploits] for t in result.trials}
+    log_figure(parent, plots.trial_curves(curves, result.metric, result.best.trial_id, exploits), "plots/trial_curves.png")
 
 
 def _register_best(parent: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec, best: Trial, search_folder: str) -> dict[str, Any] | None:

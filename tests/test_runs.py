@@ -50,8 +50,10 @@ def test_a_key_that_may_change_on_resume_keeps_the_run(override: str) -> None:
 def test_other_data_makes_another_run_and_a_search_is_keyed_by_its_space() -> None:
     cfg = load_config(CONF_DIR / "mnist_mlp.yaml")
     assert run_key(cfg, "data-a") != run_key(cfg, "data-b")  # the Parquet manifest's content hash
-    more = load_config(CONF_DIR / "mnist_mlp.yaml", ["tune.num_samples=9"])
-    assert run_key(more, "data", search=True) != run_key(cfg, "data", search=True)
+    other = load_config(CONF_DIR / "mnist_mlp.yaml", ["tune.space={optim.lr: {uniform: [0.01, 0.1]}}"])
+    assert run_key(other, "data", search=True) != run_key(cfg, "data", search=True)
+    more = load_config(CONF_DIR / "mnist_mlp.yaml", ["tune.num_samples=9"])  # the same search, grown (search_batches.py)
+    assert run_key(more, "data", search=True) == run_key(cfg, "data", search=True)
     assert run_key(load_config(CONF_DIR / "mnist_mlp.yaml", ["tune.max_concurrent_trials=1"]), "data", search=True) == run_key(
         cfg, "data", search=True
     )
