@@ -421,7 +421,9 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
         )  # fmt: skip
         log_figure(parent, figure, f"plots/search_{dimension.key}.png")
     curves = {t.trial_id: t.history for t in result.trials if t.history}
-    exploits = {t.trial_id: [(e["epoch"], e["copied_trial"]) for e in t.exploits] for t in result.trials}
+    exploits = (
+        {t.trial_id: [(e["epoch"], e["copied_trial"]) for e in t.exploits] for t in result.trials} if cfg.tune.scheduler == "pbt" else None
+    )
     log_figure(parent, plots.trial_curves(curves, result.metric, result.best.trial_id, exploits), "plots/trial_curves.png")
 
 
