@@ -76,6 +76,16 @@ def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.op
     return optimizers[cfg.name](trainable, lr=lr, weight_decay=decay)
 
 
+def apply_optim_values(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """The config's learning rate, weight decay and momentum over those a restored optimizer state carries. A
+    resumed run's are the same (they name the run); a PBT trial restored from another trial's state would
+    otherwise train on with that trial's values, not its own perturbed ones."""
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+
+
 def validation_metrics(cfg: ExperimentConfig) -> tuple[str, str]:
     """What may rank checkpoints and trials: the validation split's figures, never the test split's."""
     return "val_loss", f"val_{'accuracy' if cfg.is_classifier else 'mse'}"
@@ -129,6 +139,7 @@ def run_worker(
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        apply_optim_values(optimizer, cfg.optim)
         start_epoch = state["epoch"] + 1
         history = [m for m in state.get("history", []) if m["epoch"] <= state["epoch"]]
         if start_epoch > cfg.train.epochs:  # already finished: log what the tracking lacks, report once more

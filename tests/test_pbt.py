@@ -54,6 +54,9 @@ def _assert_the_slow_trial_exploited_the_fast_one(result: SearchResult, tmp_path
     assert curve[3] < curve[2] / 10
     assert [m["epoch"] for m in load_state(Path(own[3][0]))["history"]] == [1, 2, 3]
     assert load_state(Path(own[3][0]))["history"][1]["val_mse"] == curve[2], "its history is its own, not the copied trial's"
+    # From the same weights at epoch 2, its own perturbed lr (not the copied optimizer's 0.05) trains epoch 3.
+    assert curve[3] != dict(fast.history)[3]
+    assert load_state(Path(own[3][0]))["optimizer"]["param_groups"][0]["lr"] == slow.params["optim.lr"]
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     children = {c.data.tags["trial_id"]: c for c in runs_of(client, result.name, parent=result.mlflow_run_id)}
