@@ -16,11 +16,15 @@ __all__ = ["LastEpochIgnored", "pbt_scheduler"]
 def pbt_scheduler(cfg: ExperimentConfig) -> Any:
     """Ray Tune's PBT, synchronous, on epochs, with the mutated values kept inside their ranges (the metric and
     mode are the Tuner's)."""
+    import logging
     import warnings
 
     # Tune suggests reusing actors with PBT: in-process trials do (tune._tuner); a worker-group trial's actor only
     # waits on its chunk's workers, which are gone when PBT pauses it, so there is nothing worth reusing.
     warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
+    # A trial restored from a checkpoint makes Tune's JSON logger look for its result.json, which the search never
+    # reads (each trial's history is in its own checkpoints): "Remote file not found" on the console, per restart.
+    logging.getLogger("ray.tune.logger.logger").setLevel(logging.ERROR)
     found = mutations(cfg)
     return LastEpochIgnored(
         cfg.train.epochs,
