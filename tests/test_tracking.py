@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
+from pandas.testing import assert_frame_equal
 
 from pipeline.config import load_config
 from pipeline.data.store import load_splits
@@ -211,8 +212,13 @@ def test_an_rgb_model_takes_numpy_s_channels_last_arrays_as_it_takes_pytorch_s(d
     predictor = build_predictor(cfg, spec, model_for(cfg, spec).state_dict())
     images = np.random.default_rng(0).integers(0, 256, size=(5, 3, 32, 32), dtype=np.uint8)
     nchw = predictor.predict_table(images)
-    assert predictor.predict_table(images.transpose(0, 2, 3, 1)).equals(nchw)  # NumPy / PIL: (N, H, W, C)
-    assert predictor.predict_table(images[2].transpose(1, 2, 0)).equals(nchw.iloc[[2]].reset_index(drop=True))
+    # The same classes, and probabilities equal to float32's rounding (a batch of 1 or of N, another memory layout).
+    assert_frame_equal(
+        predictor.predict_table(images.transpose(0, 2, 3, 1)), nchw, check_exact=False, rtol=1e-5
+    )  # NumPy / PIL: (N, H, W, C)
+    assert_frame_equal(
+        predictor.predict_table(images[2].transpose(1, 2, 0)), nchw.iloc[[2]].reset_index(drop=True), check_exact=False, rtol=1e-5
+    )
     with pytest.raises(InputError, match=r"\(N, 3, 32, 32\) or \(N, 32, 32, 3\), or one image without N: RGB 32x32"):
         predictor.predict_table(images[:, 0])  # no channel axis: only one-channel models take that
 
