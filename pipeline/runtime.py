@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -113,12 +114,23 @@ def exit_now(code: int) -> NoReturn:
     0.1 s later; a shutdown would also wait ~8 s on them (measured). Exiting first keeps exit code 143."""
     import psutil
 
-    for child in psutil.Process().children(recursive=True):
+    children = psutil.Process().children(recursive=True)
+    for child in children:
         with contextlib.suppress(psutil.Error):
             child.terminate()  # each goes down on its own SIGTERM handling, as `ray stop` asks them to
+    _kill_later([child.pid for child in children])
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _kill_later(pids: list[int], grace_s: int = 3) -> None:
+    """As `ray stop` does, kill what has not ended on SIGTERM after a grace period: Ray's runtime-env agent is an
+    aiohttp server that waits up to 60 s on a request in flight (seen in CI). The wait runs in a separate `sh`,
+    because this process must exit at once (see exit_now)."""
+    if pids:
+        command = f"sleep {grace_s}; kill -9 {' '.join(map(str, pids))} 2>/dev/null"
+        subprocess.Popen(["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 @dataclass(frozen=True)
