@@ -27,6 +27,7 @@ from torch import nn
 
 from pipeline.data.store import file_sha256
 from pipeline.errors import BadInput
+from pipeline.runs import filesystem_of
 
 __all__ = [
     "CheckpointError",
@@ -79,7 +80,7 @@ def run_checkpoints(folder: str) -> dict[int, tuple[str, dict[str, Any]]]:
     """A run folder's complete checkpoints, on this disk or in an object store: epoch -> (path, summary)."""
     import pyarrow.fs
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
+    filesystem, path = filesystem_of(folder)
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return {}
     scheme = folder.partition("://")[0] + "://" if "://" in folder else ""
@@ -106,7 +107,7 @@ def local_checkpoint(checkpoint: str) -> Iterator[Path]:
     import pyarrow.fs
 
     with tempfile.TemporaryDirectory() as tmp:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(checkpoint)
+        filesystem, path = filesystem_of(checkpoint)
         pyarrow.fs.copy_files(path, tmp, source_filesystem=filesystem)
         yield Path(tmp)
 
@@ -296,7 +297,7 @@ class LocalSession:
 
         assert self.remote is not None
         for path, _ in run_checkpoints(self.remote).values():
-            filesystem, source = pyarrow.fs.FileSystem.from_uri(path)
+            filesystem, source = filesystem_of(path)
             local = self.run_dir / source.rsplit("/", 1)[-1]
             local.mkdir()
             pyarrow.fs.copy_files(source, str(local), source_filesystem=filesystem)
@@ -322,7 +323,7 @@ class LocalSession:
         import pyarrow.fs
 
         assert self.remote is not None
-        filesystem, folder = pyarrow.fs.FileSystem.from_uri(self.remote)
+        filesystem, folder = filesystem_of(self.remote)
         target = f"{folder}/{checkpoint.name}"
         filesystem.create_dir(target)
         for name in (STATE_FILE, META_FILE):

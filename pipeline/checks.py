@@ -22,6 +22,7 @@ from pipeline.execution import streams
 from pipeline.loop import memory_format, validation_metrics
 from pipeline.models import model_for, num_outputs
 from pipeline.pbt import check_pbt
+from pipeline.runs import filesystem_of
 from pipeline.space import Dimension, parse_space
 
 __all__ = ["check_search", "check_training", "search_metric"]
@@ -85,7 +86,7 @@ def _check_bucket(uri: str) -> None:
     from pipeline.redaction import redact
 
     try:
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+        filesystem, path = filesystem_of(uri)
         found = filesystem.get_file_info(path.split("/", 1)[0]).type == pyarrow.fs.FileType.Directory
     except (OSError, ValueError) as err:  # no such scheme, endpoint or credentials (ArrowInvalid is a ValueError)
         raise ConfigError(f"storage_path: cannot reach {redact(uri)} ({str(err).splitlines()[0]}); check the URI, and the "

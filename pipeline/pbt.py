@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ConfigError, ExperimentConfig, with_values
+from pipeline.runs import filesystem_of
 from pipeline.space import Dimension, parse_dimensions
 
 __all__ = [
@@ -233,7 +234,7 @@ def _file(folder: str, name: str, mode: str) -> Iterator[Any]:
     """A file in a run folder on this disk or in an object store; reading a missing one yields None."""
     import pyarrow.fs
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).absolute()))
+    filesystem, path = filesystem_of(folder)
     target = f"{path}/{name}"
     if mode == "rb":
         if filesystem.get_file_info(target).type != pyarrow.fs.FileType.File:
@@ -263,7 +264,7 @@ def trial_checkpoints(folder: str) -> dict[int, tuple[str, dict[str, Any]]]:
     from pipeline.checkpoints import run_checkpoints
 
     found = run_checkpoints(folder)
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).absolute()))
+    filesystem, path = filesystem_of(folder)
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return found
     scheme = folder.partition("://")[0] + "://" if "://" in folder else ""
@@ -277,6 +278,6 @@ def delete_folder(folder: str) -> None:
     """A folder on this disk or in an object store, gone if it was there."""
     import pyarrow.fs
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder if "://" in folder else str(Path(folder).absolute()))
+    filesystem, path = filesystem_of(folder)
     if filesystem.get_file_info(path).type == pyarrow.fs.FileType.Directory:
         filesystem.delete_dir(path)

@@ -36,6 +36,7 @@ __all__ = [
     "RunPlan",
     "begin_run",
     "delete_run",
+    "filesystem_of",
     "finish_run",
     "held",
     "identity",
@@ -72,6 +73,14 @@ SEARCH_RESUMABLE_KEYS = (
 )
 RECORD_FILE = "run.json"
 KEY_LENGTH = 12
+
+
+def filesystem_of(location: str) -> tuple[Any, str]:
+    """A folder or file on this disk (a relative path too) or in an object store (s3://...): pyarrow's
+    filesystem for it, and its path there."""
+    import pyarrow.fs
+
+    return pyarrow.fs.FileSystem.from_uri(location if "://" in location else str(Path(location).absolute()))
 
 
 def storage_uri(cfg: ExperimentConfig) -> str:
@@ -234,7 +243,7 @@ def delete_run(cfg: ExperimentConfig, folder: str, *, search: bool = False) -> N
     segment = folder.removeprefix(parent)
     if not folder.startswith(parent) or not segment or "/" in segment or segment in (".", ".."):
         raise ConfigError(f"refusing to delete {folder}: it is not one run's folder under {parent}")
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
+    filesystem, path = filesystem_of(folder)
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.NotFound:
         filesystem.delete_dir(path)
 
@@ -255,7 +264,7 @@ def _changes_from_latest(folder: str, record: RunRecord) -> tuple[list[str], str
 def _records(name_folder: str) -> list[RunRecord]:
     import pyarrow.fs
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(name_folder)
+    filesystem, path = filesystem_of(name_folder)
     if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
         return []
     found = []
@@ -268,9 +277,8 @@ def _records(name_folder: str) -> list[RunRecord]:
 
 
 def _read_record(folder: str) -> RunRecord | None:
-    import pyarrow.fs
 
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
+    filesystem, path = filesystem_of(folder)
     return _read(filesystem, f"{path}/{RECORD_FILE}")
 
 
@@ -289,7 +297,6 @@ def _read(filesystem: Any, path: str) -> RunRecord | None:
 
 def _write_record(folder: str, record: RunRecord) -> None:
     """Whole or not at all: a local file is replaced atomically; an object-store put is atomic itself."""
-    import pyarrow.fs
 
     fields = {k: v for k, v in asdict(record).items() if k != "batches" or v}  # a training run's record as before
     text = json.dumps(fields, indent=2, default=str).encode()
@@ -299,7 +306,7 @@ def _write_record(folder: str, record: RunRecord) -> None:
         tmp.write_bytes(text)
         tmp.replace(Path(folder) / RECORD_FILE)
         return
-    filesystem, path = pyarrow.fs.FileSystem.from_uri(folder)
+    filesystem, path = filesystem_of(folder)
     filesystem.create_dir(path, recursive=True)
     with filesystem.open_output_stream(f"{path}/{RECORD_FILE}") as stream:
         stream.write(text)

@@ -23,7 +23,7 @@ from pipeline.execution import Execution, build_trainer, checkpoint_location
 from pipeline.lineage import log_datasets
 from pipeline.loop import EmitFn, ranking, run_worker, warner
 from pipeline.pbt import CHUNK_PREFIX, delete_folder, trial_checkpoints
-from pipeline.runs import begin_run, plan_run, run_folder
+from pipeline.runs import begin_run, filesystem_of, plan_run, run_folder
 from pipeline.tracking import NOTE, EpochLogger, Store, TrackedRun, open_run
 
 __all__ = ["Emitter", "Population", "TaggedQueue", "TuneSession", "trial_config", "trial_driver", "trial_folder", "trial_run_config"]
@@ -168,7 +168,7 @@ def _put_start(folder: str, state: dict[str, Any]) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         save_state(Path(tmp), state)
         delete_folder(target)
-        filesystem, path = pyarrow.fs.FileSystem.from_uri(target if "://" in target else str(Path(target).absolute()))
+        filesystem, path = filesystem_of(target)
         filesystem.create_dir(path)
         pyarrow.fs.copy_files(tmp, path, destination_filesystem=filesystem)
     return target
