@@ -236,6 +236,13 @@ def results_table(results: list[Result]) -> str:
     return markdown_table(headers, rows)
 
 
+def ratio_lines(results: list[Result]) -> list[str]:
+    """The ratios the issues ask for, each within this run: in-process vs preloaded, streamed vs in memory."""
+    by_name = {r.contender: r.median for r in results}
+    pairs = [("pipeline in-process", "preloaded tensor"), ("pipeline Ray 1 worker, streamed", "pipeline Ray 1 worker")]
+    return [f"- {a} / {b}: {by_name[a] / by_name[b]:.2f}x" for a, b in pairs if a in by_name and b in by_name] + [""]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mlp-samples", type=int, default=60_000, help="timed samples per contender, MLP (1 epoch)")
@@ -268,7 +275,7 @@ def main(argv: list[str] | None = None) -> str:
             results[case] += measure(ray_contenders(case), repeats=1)
     report = [f"## Training throughput (batch {BATCH} per worker; torch.set_num_threads({THREADS}) in the driver)", ""]
     for case, found in results.items():
-        report += [f"### {case.label}", "", results_table(found), ""]
+        report += [f"### {case.label}", "", results_table(found), "", *ratio_lines(found)]
     text = "\n".join(report)
     print("\n" + text)
     return text

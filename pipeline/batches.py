@@ -24,6 +24,7 @@ from pipeline.data.store import DatasetSpec, SplitRows, batch_indices, has_valid
 __all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names", "target_for"]
 
 EVAL_BATCH = 1024  # evaluation has no gradients to keep: larger batches, fewer steps
+SHUFFLE_ROWS = 8192  # rows a streaming worker shuffles among at once (Ray's local shuffle buffer used 4,096)
 
 
 @dataclass
@@ -74,26 +75,43 @@ class InMemory:
 class Streamed:
     """The streaming path: this worker's Ray Data shard of each split, read while the epoch runs.
 
-    Ray Train splits each dataset equally across the workers and batches drop their incomplete last
-    one, so every rank runs the same number of steps, as DDP needs."""
+    Ray Train splits each dataset equally across the workers, so every rank gets as many rows, hence
+    as many whole batches, as DDP needs. The shard arrives in chunks of SHUFFLE_ROWS (as numpy arrays,
+    prefetched by Ray Data's threads while the step runs); each chunk goes to the device in one copy and
+    is cut into batches by a seeded permutation, as the in-memory path cuts its tensor: Ray's own
+    per-row local shuffle and collation cost more than the MLP's whole step (docs/BENCHMARKS.md)."""
 
-    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session) -> None:
-        import ray.train
-
+    def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session, shards: dict[str, Any] | None = None) -> None:
+        """`shards`: each split's Ray Data iterator; by default this Ray Train worker's shards."""
         self.cfg, self.spec, self.session = cfg, spec, session
-        self.splits = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
+        if shards is None:
+            import ray.train
+
+            shards = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
+        self.splits = shards
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
-        steps = train_rows(self.spec, self.cfg.data) // self.session.world_size // self.cfg.data.batch_size  # for the progress display
-        shuffle = {"local_shuffle_buffer_size": max(16 * self.cfg.data.batch_size, 4096), "local_shuffle_seed": self.cfg.seed + epoch}
-        return steps, self._batches("train", self.cfg.data.batch_size, drop_last=True, **shuffle)
+        size = self.cfg.data.batch_size
+        steps = train_rows(self.spec, self.cfg.data) // self.session.world_size // size  # for the progress display
+        # Whole batches per chunk, so that only the shard's last chunk leaves an incomplete batch to drop.
+        chunk = max(SHUFFLE_ROWS // size, 1) * size
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        return steps, self._shuffled(self._chunks("train", chunk), size, generator)
 
     def eval_batches(self, split: str) -> Iterator[Pair]:
-        return self._batches(split, max(self.cfg.data.batch_size, EVAL_BATCH), drop_last=False)
+        return self._chunks(split, max(self.cfg.data.batch_size, EVAL_BATCH))
 
-    def _batches(self, split: str, size: int, **options: Any) -> Iterator[Pair]:
-        for batch in self.splits[split].iter_torch_batches(batch_size=size, device=str(self.session.device), **options):
-            yield batch["x"].view(-1, *self.spec.input_shape), target_for(batch["y"], self.cfg.loss)
+    def _chunks(self, split: str, rows: int) -> Iterator[Pair]:
+        for chunk in self.splits[split].iter_batches(batch_size=rows, batch_format="numpy", prefetch_batches=2):
+            x = _tensor(chunk["x"]).to(self.session.device).view(-1, *self.spec.input_shape)
+            yield x, target_for(_tensor(chunk["y"]), self.cfg.loss).to(self.session.device)
+
+    def _shuffled(self, chunks: Iterator[Pair], size: int, generator: torch.Generator) -> Iterator[Pair]:
+        for x, y in chunks:
+            whole = len(y) // size * size
+            order = torch.randperm(len(y), generator=generator)[:whole].to(x.device)
+            for idx in order.view(-1, size):
+                yield x[idx], y[idx]
 
 
 def split_names(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:
@@ -107,12 +125,15 @@ def _to_device(splits: dict[str, SplitRows], loss: str, device: torch.device) ->
     batches = {}
     for name, split in splits.items():
         if id(split.x) not in tensors:
-            # Arrays read straight from Parquet are read-only views; torch wants writable memory (copied only then).
-            x = torch.from_numpy(np.require(split.x, requirements=("C", "W"))).to(device)
-            tensors[id(split.x)] = x, target_for(torch.from_numpy(np.require(split.y, requirements=("C", "W"))), loss).to(device)
+            tensors[id(split.x)] = _tensor(split.x).to(device), target_for(_tensor(split.y), loss).to(device)
         rows = None if split.rows is None else torch.from_numpy(split.rows).to(device)
         batches[name] = Batches(*tensors[id(split.x)], rows)
     return batches
+
+
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    """Arrays read straight from Arrow are read-only views; torch wants writable memory (copied only then)."""
+    return torch.from_numpy(np.require(array, requirements=("C", "W")))
 
 
 def target_for(y: torch.Tensor, loss: str) -> torch.Tensor:

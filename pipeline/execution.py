@@ -38,6 +38,7 @@ __all__ = [
     "execution_for",
     "plan_execution",
     "runs_in_process",
+    "stream_threshold_mb",
     "streams",
     "train_fn_per_worker",
     "training_needs",
@@ -107,7 +108,26 @@ def streams(cfg: ExperimentConfig, spec: DatasetSpec) -> bool:
     """Whether batches stream through Ray Data: data.loader, or for auto a training file above the threshold."""
     if cfg.data.loader != "auto":
         return cfg.data.loader == "stream"
-    return decoded_mb(spec) > cfg.data.stream_above_mb
+    return decoded_mb(spec) > stream_threshold_mb(cfg)
+
+
+# bench.scale (docs/BENCHMARKS.md): an in-memory worker's peak RSS grows by about this many times the
+# decoded training file (each worker holds the whole file: the arrays, their tensor copy, Arrow's
+# scratch); a streaming worker's stays flat.
+IN_MEMORY_GROWTH = 2.5
+MEMORY_SHARE = 0.5  # of a machine's memory, what the workers' copies of the data may take; the rest is theirs and the OS's
+
+
+def stream_threshold_mb(cfg: ExperimentConfig) -> float:
+    """data.stream_above_mb, or unset: the largest training file whose in-memory copies, one per worker, all
+    on one machine as PACK places them, fit in MEMORY_SHARE of this machine's memory (the driver's: on a
+    cluster whose workers have less, set data.stream_above_mb)."""
+    if cfg.data.stream_above_mb is not None:
+        return cfg.data.stream_above_mb
+    import psutil
+
+    memory_mb = psutil.virtual_memory().total / 2**20
+    return MEMORY_SHARE * memory_mb / (IN_MEMORY_GROWTH * max(cfg.scaling.num_workers, 1))
 
 
 def uses_gpu(cfg: ExperimentConfig, in_process: bool) -> bool:

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.checks import check_training
 from pipeline.config import ConfigError, load_config
 from pipeline.data.store import decoded_mb, load_split_rows, materialize, streaming_datasets
-from pipeline.execution import runs_in_process, streams
+from pipeline.execution import IN_MEMORY_GROWTH, MEMORY_SHARE, runs_in_process, stream_threshold_mb, streams
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, tiny
 
@@ -38,6 +39,13 @@ def test_auto_streams_above_the_threshold_and_then_trains_on_ray_workers(data_ro
     small = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
     spec = check_training(small)
     assert not streams(small, spec) and runs_in_process(small, spec)  # a few KB: the fast path, here
+    # Unset, the threshold is what this machine's memory holds of the workers' in-memory copies.
+    import psutil
+
+    one, two = (load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, f"scaling.num_workers={n}"]) for n in (1, 2))
+    memory_mb = psutil.virtual_memory().total / 2**20
+    assert stream_threshold_mb(one) == pytest.approx(MEMORY_SHARE * memory_mb / IN_MEMORY_GROWTH)
+    assert stream_threshold_mb(two) == pytest.approx(stream_threshold_mb(one) / 2), "two workers on one machine, two copies"
     big = load_config(CONF_DIR / "mnist_mlp.yaml", [*overrides, f"data.stream_above_mb={decoded_mb(spec) / 2}"])
     assert streams(big, spec) and not runs_in_process(big, spec)
     # Asked to train here anyway: refused, naming the key and the ways out.
@@ -66,3 +74,27 @@ def test_streaming_without_a_cpu_for_ray_data_is_refused_before_any_run(ray_loca
     with pytest.raises(ConfigError, match=match):
         run_training(load_config(CONF_DIR / "circles_classifier.yaml", overrides))
     assert MlflowClient(tracking_store).get_experiment_by_name("stream_no_cpu") is None
+
+
+@pytest.mark.ray  # Ray Data, in this process
+def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_part_batch(ray_local, data_root: Path) -> None:
+    from pipeline.batches import Streamed
+    from pipeline.checkpoints import LocalSession
+
+    cfg = load_config(CONF_DIR / "mnist_mlp.yaml", [f"data.root={data_root}", "data.download=false", "data.batch_size=64"])
+    spec = materialize(cfg.data, cfg.seed)
+    session = LocalSession(data_root / "unused", keep=1, metric=None, mode="min", device=torch.device("cpu"))
+    streamed = Streamed(cfg, spec, session, shards=streaming_datasets(spec, cfg.data, cfg.seed))
+    x, y = load_split_rows(spec, cfg.data, cfg.seed)["train"].arrays()
+    epochs = {}
+    for epoch in (1, 2):
+        steps, batches = streamed.train_batches(epoch)
+        epochs[epoch] = [(bx.numpy().reshape(len(bx), -1), by.numpy()) for bx, by in batches]
+        assert len(epochs[epoch]) == steps == len(y) // 64 and all(len(by) == 64 for _, by in epochs[epoch])
+        seen = {row.tobytes() for bx, _ in epochs[epoch] for row in bx}
+        assert seen <= {row.tobytes() for row in x.reshape(len(x), -1)} and len(seen) == steps * 64  # no row twice
+    first, second = (np.concatenate([by for _, by in epochs[e]]) for e in (1, 2))
+    assert not np.array_equal(first, second), "each epoch is shuffled anew"
+    assert not np.array_equal(first[:1000], np.sort(first[:1000])), "rows within a chunk are shuffled"
+    val = list(streamed.eval_batches("train"))
+    assert sum(len(by) for _, by in val) == len(y) and val[0][0].shape[1:] == spec.input_shape
