@@ -90,9 +90,10 @@ class DataConfig(_Section):
     # Where batches come from. memory: each worker reads the splits into one tensor and slices batches
     # by index (the fast path). stream: Ray Data reads the Parquet files as the epoch goes, each worker
     # its shard (data larger than memory; Ray Train workers only). auto: stream when the training file
-    # holds more than stream_above_mb decoded.
+    # holds more than stream_above_mb decoded; unset, that is what this machine's memory allows
+    # (execution.stream_threshold_mb).
     loader: Literal["auto", "memory", "stream"] = "auto"
-    stream_above_mb: float = Field(4096, gt=0)
+    stream_above_mb: float | None = Field(None, gt=0)
     # The user's own table (data.name=tabular): a CSV or Parquet file and its target column.
     # The user's own images (data.name=image_folder): a folder of class folders (torchvision's
     # ImageFolder layout), or of train/ and test/ folders of class folders.
@@ -162,6 +163,12 @@ class TrainConfig(_Section):
     # NHWC weights and batches, the layout the fastest convolution kernels take (cuDNN, oneDNN): the CNN
     # trained 1.5x as fast on 2 CPU cores, 1.08x on an H200 (docs/BENCHMARKS.md). Image models only.
     channels_last: bool = Field(False, description="channels-last memory format for image models")
+    # torch.compile: the model's forward and backward traced once, their elementwise ops fused into fewer
+    # kernels (fewer launches and memory passes). The first steps pay the compilation (tens of seconds on
+    # 2 CPU cores without inductor's cache; again for evaluation and each new batch shape), and whether the
+    # later steps gain depends on the model and the device (docs/BENCHMARKS.md). Off by default. Checkpoints
+    # hold the plain model's weights (loop.plain_module): with or without it, the same run.
+    compile: bool = Field(False, description="torch.compile the model (the first steps pay compilation)")
     checkpoints_to_keep: int = Field(2, ge=1)
     # The metric that ranks checkpoints (and, later, registered models); default by task.
     metric: str | None = None

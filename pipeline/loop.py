@@ -14,12 +14,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.batches import InMemory, Pair, Streamed
 from pipeline.checkpoints import CheckpointError, Session, load_state
@@ -31,6 +33,7 @@ from pipeline.models import model_for
 
 __all__ = [
     "LOSSES",
+    "CompileError",
     "DivergedError",
     "OneProcess",
     "Preprocess",
@@ -38,6 +41,7 @@ __all__ = [
     "load_checkpoint",
     "make_optimizer",
     "memory_format",
+    "plain_module",
     "preprocessor",
     "ranking",
     "run_worker",
@@ -63,6 +67,10 @@ BATCH_EVENT_INTERVAL_S = 0.5
 
 class DivergedError(RunFailed):
     """The training loss became NaN or infinite: the run stops, and nothing of it is registered."""
+
+
+class CompileError(RunFailed):
+    """torch.compile could not compile the model (train.compile=true): no C++ compiler, no Triton, ..."""
 
 
 def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
@@ -147,23 +155,62 @@ def run_worker(
                 log_epoch(history or [state["metrics"]])
             session.report(state["metrics"], None)
             return
-    model = session.wrap(model)
-    loss_fn = LOSSES[cfg.loss]()
-    prep = preprocessor(cfg, spec, device)
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        steps, batches = data.train_batches(epoch)
-        # workers: the group's size this epoch, which an elastic group changes when nodes come and go.
-        metrics = {"epoch": epoch, "workers": session.world_size,
-                   **train_epoch(model, steps, batches, loss_fn, optimizer, prep, cfg, session, epoch, emit)}  # fmt: skip
-        if "val" in data.splits:  # the test split is never seen here: it is for the chosen checkpoint alone
-            metrics.update(evaluate(model, data.eval_batches("val"), loss_fn, prep.eval, cfg, session, prefix="val"))
-        history.append(metrics)
-        state = checkpoint_state(model, optimizer, history, cfg, spec) if session.rank == 0 else None
-        if log_epoch:
-            log_epoch(history)
-        if emit:  # before the report: a Tune scheduler may stop the trial as soon as it has the result
-            emit({"event": "epoch", "metrics": metrics})
-        session.report(metrics, state)
+    with compile_errors(cfg.train.compile):  # torch.compile compiles at the first steps, not when called
+        # Compiled with the checkpoint's weights in, before DDP wraps it; checkpoints keep plain keys (plain_module).
+        model = session.wrap(compiled(model) if cfg.train.compile else model)
+        loss_fn = LOSSES[cfg.loss]()
+        prep = preprocessor(cfg, spec, device)
+        for epoch in range(start_epoch, cfg.train.epochs + 1):
+            steps, batches = data.train_batches(epoch)
+            # workers: the group's size this epoch, which an elastic group changes when nodes come and go.
+            metrics = {"epoch": epoch, "workers": session.world_size,
+                       **train_epoch(model, steps, batches, loss_fn, optimizer, prep, cfg, session, epoch, emit)}  # fmt: skip
+            if "val" in data.splits:  # the test split is never seen here: it is for the chosen checkpoint alone
+                metrics.update(evaluate(model, data.eval_batches("val"), loss_fn, prep.eval, cfg, session, prefix="val"))
+            history.append(metrics)
+            state = checkpoint_state(model, optimizer, history, cfg, spec) if session.rank == 0 else None
+            if log_epoch:
+                log_epoch(history)
+            if emit:  # before the report: a Tune scheduler may stop the trial as soon as it has the result
+                emit({"event": "epoch", "metrics": metrics})
+            session.report(metrics, state)
+
+
+COMPILE_FIX = "set train.compile=false to train without it"
+
+
+def compiled(model: nn.Module) -> nn.Module:
+    """torch.compile's module around `model`, with the same parameters; it compiles at the first steps."""
+    try:
+        return cast(nn.Module, torch.compile(model))
+    except RuntimeError as err:  # a Python that torch.compile does not support (3.15+, ...)
+        raise CompileError(f"train.compile=true: {err}; {COMPILE_FIX}") from err
+
+
+@contextmanager
+def compile_errors(compiling: bool) -> Iterator[None]:
+    """A failure of torch.compile (train.compile) as one line naming its cause and the fix, not inductor's
+    pages of traceback. Without compile, torch._dynamo (seconds to import) is not imported at all."""
+    if not compiling:
+        yield
+        return
+    import torch._dynamo.exc
+
+    try:
+        yield
+    except torch._dynamo.exc.TorchDynamoException as err:
+        inner = getattr(err, "inner_exception", err)  # the backend's own error (InvalidCxxCompiler, ...)
+        cause = next((line.strip() for line in str(inner).splitlines() if line.strip()), "")[:300]
+        raise CompileError(
+            f"train.compile=true: torch.compile could not compile the model: {type(inner).__name__}: {cause}; {COMPILE_FIX}"
+        ) from err
+
+
+def plain_module(model: nn.Module) -> nn.Module:
+    """The network itself, under DDP's wrapper and torch.compile's: its state_dict has the plain keys (no
+    `module.` or `_orig_mod.` prefix), which every checkpoint holds, compiled or not."""
+    net = model.module if isinstance(model, DistributedDataParallel) else model
+    return getattr(net, "_orig_mod", net)  # torch.compile's OptimizedModule, without importing torch._dynamo
 
 
 @dataclass
@@ -238,7 +285,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Loss and accuracy (or MSE) over the whole split: each rank its shard, then summed across ranks."""
     # The plain module, not the DDP wrapper: ranks run different numbers of eval batches, and DDP's
-    # forward could otherwise wait on a buffer broadcast that the other ranks never join.
+    # forward could otherwise wait on a buffer broadcast that the other ranks never join. Under
+    # train.compile, the compiled module: evaluation is compiled too (once, at the first epoch's end).
     net = getattr(model, "module", model)
     net.eval()
     sums = torch.zeros(3, device=session.device)  # loss x n, correct (or squared error), n
@@ -277,7 +325,7 @@ def checkpoint_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, history: list[dict], cfg: ExperimentConfig, spec: DatasetSpec
 ) -> dict[str, Any]:
     """What a checkpoint holds: weights, optimizer, every epoch's metrics, and what rebuilds the model."""
-    net = getattr(model, "module", model)  # never the DDP wrapper
+    net = plain_module(model)  # never the DDP or torch.compile wrapper: plain keys
     return {
         "epoch": history[-1]["epoch"],
         "model": net.state_dict(),

@@ -54,6 +54,7 @@ RESUMABLE_KEYS = (
     "train.max_failures",
     "train.checkpoints_to_keep",
     "train.channels_last",  # a memory layout: the same computation
+    "train.compile",  # torch.compile fuses the same computation (to float rounding; checkpoints hold plain weights)
     "scaling",  # how many workers, where, on which devices
     "storage_path",
     "data.root",

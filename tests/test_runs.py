@@ -39,7 +39,7 @@ def test_a_key_that_defines_the_result_makes_another_run(override: str) -> None:
     "override",
     ["train.epochs=30", "train.max_failures=2", "scaling.num_workers=4", "scaling.runner=ray", "storage_path=/elsewhere",
      "data.root=/mnt/data", "data.download=false", "data.loader=stream", "tracking.uri=http://mlflow:5000",
-     "tracking.register_as=other", "train.channels_last=true", "tune.num_samples=9"],
+     "tracking.register_as=other", "train.channels_last=true", "train.compile=true", "tune.num_samples=9"],
 )  # fmt: skip
 def test_a_key_that_may_change_on_resume_keeps_the_run(override: str) -> None:
     base = load_config(CONF_DIR / "mnist_mlp.yaml")
