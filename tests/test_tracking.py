@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from pandas.testing import assert_frame_equal
 from pipeline.config import load_config
 from pipeline.data.store import load_splits
 from pipeline.loop import load_checkpoint
+from pipeline.tracking import Store, check_store
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, mlflow_client, run_cli, runs_of, tiny
 
@@ -300,6 +303,26 @@ def test_an_unreachable_server_fails_before_training_naming_the_uri(tmp_path: Pa
     assert done.returncode == 2
     assert f"cannot reach the MLflow server at MLFLOW_TRACKING_URI={url}" in done.stderr
     assert not (tmp_path / "linear_regression").exists(), "nothing was trained"
+
+
+def test_a_new_sqlite_store_holds_the_tables_and_rows_mlflow_itself_makes(tmp_path: Path) -> None:
+    # check_store makes a new store with one fsync (tracking._new_sqlite_store); MLflow makes the other its own way.
+    check_store(Store(f"sqlite:///{tmp_path / 'ours.db'}", "tracking.uri"))
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments(max_results=1)
+
+    def contents(name: str) -> list:
+        with closing(sqlite3.connect(tmp_path / name)) as db:
+            # A statement's lines as a set: MLflow's own second store in a process orders a table's CHECKs otherwise.
+            schema = sorted(
+                (*row[:3], sorted((row[3] or "").splitlines())) for row in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master")
+            )
+            rows = [db.execute(f"SELECT * FROM {table}").fetchall() for table in ("alembic_version", "experiments")]
+            columns = [column[1] for column in db.execute("PRAGMA table_info(experiments)")]
+        times = {columns.index("creation_time"), columns.index("last_update_time")}  # the Default experiment's, a clock apart
+        return [schema, rows[0], [tuple(v for i, v in enumerate(row) if i not in times) for row in rows[1]]]
+
+    assert contents("ours.db") == contents("mlflow.db")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "ours.db", "ours.db.lock"], "no half-made file left"
 
 
 @pytest.mark.mlflow_server
