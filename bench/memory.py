@@ -200,13 +200,26 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def train_sampled(sampler: WorkerSampler, cfg: Any, done: set[int]) -> tuple[dict[int, dict[str, Any]], float, Any]:
+    """One `run_training` on the local Ray: the Ray Train workers it started (added to `done`), its wall seconds, its result."""
+    from pipeline.train import run_training
+
+    started = time.perf_counter()
+    result = run_training(cfg, fresh=True, track=False)
+    wall = time.perf_counter() - started
+    time.sleep(2 * POLL_S)  # one more poll after the worker's last report
+    sampler.poll()
+    workers = sampler.train_workers(exclude=done)
+    done |= set(workers)
+    return workers, wall, result
+
+
 def child_ray(tiny_root: str, full_root: str, limit: int | None, repeat: int) -> dict[str, Any]:
     """The tiny run first (a baseline worker), then the FashionMNIST-sized one `repeat` times, on one local Ray."""
     with tempfile.TemporaryDirectory() as storage:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{storage}/mlflow.db"
         from pipeline.config import load_config
         from pipeline.runtime import ensure_ray
-        from pipeline.train import run_training
 
         found: dict[str, Any] = {"tiny": [], "full": []}
         with WorkerSampler() as sampler:
@@ -214,13 +227,7 @@ def child_ray(tiny_root: str, full_root: str, limit: int | None, repeat: int) ->
             done: set[int] = set()
             for label, root, rows in (("tiny", tiny_root, None), *[("full", full_root, limit)] * repeat):
                 cfg = load_config(f"conf/{CONF}.yaml", conf_overrides(root, storage, workers=1, limit=rows))
-                started = time.perf_counter()
-                result = run_training(cfg, fresh=True, track=False)
-                wall = time.perf_counter() - started
-                time.sleep(2 * POLL_S)  # one more poll after the worker's last report
-                sampler.poll()
-                workers = sampler.train_workers(exclude=done)
-                done |= set(workers)
+                workers, wall, result = train_sampled(sampler, cfg, done)
                 found[label].append(
                     {
                         "workers": {str(pid): {**e, "titles": sorted(e["titles"])} for pid, e in workers.items()},

@@ -23,12 +23,11 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import DATA_ROOT, bench_module, markdown_table, run_timed
-from bench.memory import POLL_S, WorkerSampler
+from bench.memory import WorkerSampler, train_sampled
 
 CONF = "fashion_mnist_mlp"
 TRAIN_ROWS, TEST_ROWS = 60_000, 10_000
@@ -62,7 +61,6 @@ def child(factor: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as storage:
         from pipeline.config import load_config
         from pipeline.runtime import ensure_ray
-        from pipeline.train import run_training
 
         found: dict[str, Any] = {}
         with WorkerSampler() as sampler:
@@ -70,13 +68,7 @@ def child(factor: int) -> dict[str, Any]:
             done: set[int] = set()
             for loader in LOADERS:
                 cfg = load_config(f"conf/{CONF}.yaml", overrides(data_root(factor), storage, loader))
-                started = time.perf_counter()
-                result = run_training(cfg, fresh=True, track=False)
-                wall = time.perf_counter() - started
-                time.sleep(2 * POLL_S)  # one more poll after the worker's last report
-                sampler.poll()
-                workers = sampler.train_workers(exclude=done)
-                done |= set(workers)
+                workers, wall, result = train_sampled(sampler, cfg, done)
                 found[loader] = {"peak_kib": max(e["hwm_kib"] for e in workers.values()), "wall_s": wall,
                                  "samples_per_sec": result.metrics["samples_per_sec"]}  # fmt: skip
     return found
