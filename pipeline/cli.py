@@ -27,13 +27,13 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import BadInput, RunFailed
-from pipeline.runtime import Terminated, exit_now, install_signal_handlers, stop_ray
+from pipeline.runtime import Terminated, exit_now, install_signal_handlers, ray_call_left_running, stop_ray
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -141,23 +141,32 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": _train, "tune": _search, "run": _search, "predict": _predict, "ui": _ui, "serve": _serve, "runs": _records, "models": _records,
                 "submit": _submit, "jobs": _jobs}  # fmt: skip
     with _imports_out_of_the_collectors_way():
-        try:
-            return commands[args.command](args)
-        except BadInput as err:  # the message names the key path, file or value, and the fix
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except RunFailed as err:  # the cause on one line (a worker's own error), without Ray's stack
-            what = {"predict": "batch inference", "serve": "serving"}.get(args.command, "training")
-            print(f"error: {what} failed: {err}", file=sys.stderr)
-            return EXIT_FAILED
-        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated): what ran is marked KILLED already
-            how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
-            hint = RESUME_HINT.get({"run": "tune", "jobs": "submit"}.get(args.command, args.command))
-            print(f"{how}{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
-            if isinstance(interrupt, Terminated):
-                exit_now(EXIT_TERMINATED)
-            stop_ray()  # no Ray process of ours outlives this one
-            return EXIT_INTERRUPTED
+        code = _run_command(args, commands[args.command])
+    if ray_call_left_running():  # Train's or Tune's fit, left on an error or Ctrl-C: Ray cannot shut down under it
+        exit_now(code)
+    if code == EXIT_INTERRUPTED:
+        stop_ray()  # no Ray process of ours outlives this one
+    return code
+
+
+def _run_command(args: argparse.Namespace, command: Callable[[argparse.Namespace], int]) -> int:
+    """The command's exit code; an error it raises is said on one line, and becomes the exit code for its kind."""
+    try:
+        return command(args)
+    except BadInput as err:  # the message names the key path, file or value, and the fix
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunFailed as err:  # the cause on one line (a worker's own error), without Ray's stack
+        what = {"predict": "batch inference", "serve": "serving"}.get(args.command, "training")
+        print(f"error: {what} failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (Terminated): what ran is marked KILLED already
+        how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
+        hint = RESUME_HINT.get({"run": "tune", "jobs": "submit"}.get(args.command, args.command))
+        print(f"{how}{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+        if isinstance(interrupt, Terminated):
+            exit_now(EXIT_TERMINATED)
+        return EXIT_INTERRUPTED
 
 
 @contextmanager

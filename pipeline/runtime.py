@@ -39,6 +39,7 @@ __all__ = [
     "exit_now",
     "install_signal_handlers",
     "on_cluster",
+    "ray_call_left_running",
     "run_interruptibly",
     "stop_ray",
 ]
@@ -46,6 +47,7 @@ __all__ = [
 T = TypeVar("T")
 WAIT_NOTICE_AFTER_S = 5.0  # a placement group pending this long is waiting for resources, not starting
 WATCH_INTERVAL_S = 1.0
+RAY_CALL_THREAD = "pipeline-ray-call"
 
 
 class Terminated(KeyboardInterrupt):
@@ -107,11 +109,14 @@ def stop_ray() -> None:
 
 
 def exit_now(code: int) -> NoReturn:
-    """After SIGTERM: end this process's own processes (a local Ray's raylet, GCS and workers) and exit at once.
+    """End this process's own processes (a local Ray's raylet, GCS and workers) and exit at once, with `code`.
 
-    Not ray.shutdown(): when SIGTERM went to the whole process group (systemd, `kill -- -PGID`), Ray's processes
-    are going down already, and Ray's core ends a driver whose object store has gone with exit code 1, about
-    0.1 s later; a shutdown would also wait ~8 s on them (measured). Exiting first keeps exit code 143."""
+    Not ray.shutdown(), in two cases. After SIGTERM to the whole process group (systemd, `kill -- -PGID`), Ray's
+    processes are going down already, and Ray's core ends a driver whose object store has gone with exit code 1,
+    about 0.1 s later; a shutdown would also wait ~8 s on them (measured). And while a Ray call is left running
+    (ray_call_left_running), its thread's next Ray call after a shutdown makes Ray's core end the process with
+    exit code 1, and an interpreter exit around it can crash (SIGSEGV; both seen in CI). On a cluster, the
+    driver's exit ends its job: Ray removes the job's actors and placement groups."""
     import psutil
 
     children = psutil.Process().children(recursive=True)
@@ -234,7 +239,7 @@ def run_interruptibly(work: Callable[[], T], watch: Callable[[], None] | None = 
         except BaseException as err:
             outcome["error"] = err
 
-    thread = threading.Thread(target=target, name="pipeline-ray-call", daemon=True)
+    thread = threading.Thread(target=target, name=RAY_CALL_THREAD, daemon=True)
     thread.start()
     while thread.is_alive():
         thread.join(WATCH_INTERVAL_S)
@@ -243,6 +248,12 @@ def run_interruptibly(work: Callable[[], T], watch: Callable[[], None] | None = 
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def ray_call_left_running() -> bool:
+    """Whether run_interruptibly's thread still drives Ray (Train's or Tune's fit), the main thread having left it
+    on an error (a resource wait given up) or on Ctrl-C: Ray cannot then be shut down safely (see exit_now)."""
+    return any(thread.name == RAY_CALL_THREAD and thread.is_alive() for thread in threading.enumerate())
 
 
 @contextmanager
