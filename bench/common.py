@@ -76,6 +76,14 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+RATIO_MARK = "- ratio: "  # run_all gathers the lines that start so into its closing summary
+
+
+def ratio_line(name: str, value: float, goal: str = "") -> str:
+    """One ratio measured within one run, as every report writes it: `- ratio: name: 0.85x (goal: >= 0.8x)`."""
+    return f"{RATIO_MARK}{name}: {value:.2f}x" + (f" (goal: {goal})" if goal else "")
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A Markdown table, columns padded so that it also reads as plain text; numbers right-aligned."""
     cells = [[str(h) for h in headers], *[[str(c) for c in row] for row in rows]]

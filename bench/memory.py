@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import DATA_ROOT, bench_module, ensure_mnist_data, markdown_table, run_timed
+from bench.common import DATA_ROOT, bench_module, ensure_mnist_data, markdown_table, ratio_line, run_timed
 
 CONF = "fashion_mnist_mlp"  # data.name fashion_mnist: <data.root>/FashionMNIST/raw, as ensure_mnist_data writes it
 TINY_TRAIN, TINY_TEST = 640, 100
@@ -343,6 +343,7 @@ def report(quick: bool, repeat: int) -> str:
         f"{spread} Load average at the start: {load} on {os.cpu_count()} cores."), "",
         markdown_table(headers, rows), "",
         verdict(size, full, small, ray_tiny, ray_full), "",
+        ratio_line("memory, worker peak RSS / the data's size", max(full["peak_kib"], ray_full or 0) * 1024 / size, "<= 2x"), "",
         ("Where the in-process peak comes from (the FashionMNIST-sized run with the highest peak, marks taken as `run_worker` calls "
          "the data functions):"), "",
         markdown_table(["stage", "RSS MiB", "peak so far MiB", "peak grew MiB", "peak x data"], stage_rows),

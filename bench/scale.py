@@ -1,7 +1,8 @@
 """How cost grows with the data: epoch time and peak RSS of one Ray Train worker at 1x, 4x and 16x.
 
-    .venv/bin/python -m bench.scale            # about 5 minutes on 2 cores
-    .venv/bin/python -m bench.scale --quick    # 1x and 2x: a smoke test
+    .venv/bin/python -m bench.scale                 # 1x, 4x and 16x: about 5 minutes on 2 cores
+    .venv/bin/python -m bench.scale --factors 1 4   # as bench.run_all runs it
+    .venv/bin/python -m bench.scale --quick         # 1x and 2x: a smoke test
 
 The data: FashionMNIST-sized stand-ins (60,000 x factor training images, 28x28 uint8, and 10,000 test
 images, in the real IDX layout) under bench/.data/scale-<factor>x, made once, their Parquet copy made by
@@ -26,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.common import DATA_ROOT, bench_module, markdown_table, run_timed
+from bench.common import DATA_ROOT, bench_module, markdown_table, ratio_line, run_timed
 from bench.memory import WorkerSampler, train_sampled
 
 CONF = "fashion_mnist_mlp"
@@ -100,20 +101,44 @@ def report(results: dict[int, dict[str, Any]]) -> str:
                          f"{run['wall_s']:.1f}"))  # fmt: skip
     headers = ["data", "loader", "training file rows", "decoded MiB", "epoch s", "s per 1k rows", "worker peak RSS MiB",
                "peak vs 1x", "run_training wall s"]  # fmt: skip
-    biggest = results[max(results)]
-    ratio = {loader: biggest[loader]["samples_per_sec"] / biggest["memory"]["samples_per_sec"] for loader in LOADERS}
     lines = [
-        f"## Scale: conf/{CONF}.yaml, 1 epoch, 1 Ray Train worker, 1x-{max(results)}x FashionMNIST-sized data",
+        f"## Scale: conf/{CONF}.yaml, 1 epoch, 1 Ray Train worker, {', '.join(f'{f}x' for f in results)} FashionMNIST-sized data",
         "",
         markdown_table(headers, rows),
         "",
-        f"Streamed / in-memory samples/s at {max(results)}x: {ratio['stream']:.2f}x.",
+        *scale_ratios(results),
     ]
     return "\n".join(lines)
 
 
+def scale_ratios(results: dict[int, dict[str, Any]]) -> list[str]:
+    """At the largest factor against 1x: time per row (1.00x is linear growth) and each loader's peak (streaming's
+    should stay at 1.00x); and streamed against in-memory samples/s."""
+    small, big = min(results), max(results)
+    first, last = results[small], results[big]
+    lines = []
+    for loader in LOADERS:
+        per_row = first[loader]["samples_per_sec"] / last[loader]["samples_per_sec"]  # seconds per row is 1 / samples/s
+        lines.append(ratio_line(f"scale, {loader}, seconds per row at {big}x / {small}x", per_row, "1.0x: linear"))
+        peak_goal = "1.0x: flat" if loader == "stream" else ""
+        lines.append(
+            ratio_line(
+                f"scale, {loader}, worker peak RSS at {big}x / {small}x", last[loader]["peak_kib"] / first[loader]["peak_kib"], peak_goal
+            )
+        )
+    lines.append(
+        ratio_line(
+            f"scale, streamed / in-memory samples/s at {big}x",
+            last["stream"]["samples_per_sec"] / last["memory"]["samples_per_sec"],
+            ">= 0.8x",
+        )
+    )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16], help="data sizes, multiples of FashionMNIST's")
     parser.add_argument("--quick", action="store_true", help="1x and 2x only")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -122,7 +147,7 @@ def main(argv: list[str] | None = None) -> str:
         return ""
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     results = {}
-    for factor in (1, 2) if args.quick else (1, 4, 16):
+    for factor in [1, 2] if args.quick else args.factors:
         print(f"  {factor}x ...", flush=True)
         results[factor] = measure(factor)
     text = report(results)

@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from bench.common import CONF_DIR, bench_module, markdown_table, median, run_timed
+from bench.common import CONF_DIR, bench_module, markdown_table, median, ratio_line, run_timed
 
 CONF = CONF_DIR / "linear_regression.yaml"
 ASHA_LRS = ("0.05", "0.02", "0.00001", "0.00002")  # fixed-point: PyYAML reads 1e-05 as text
@@ -152,7 +152,12 @@ def overhead_table(trials: dict[str, int]) -> tuple[str, list[dict[str, Any]]]:
         "between trial starts s",
         "whole process s",
     ]
-    return markdown_table(headers, rows), list(found.values())
+    workers = found["workers"]
+    ratio = ratio_line(
+        "Tune, per-trial time, trial_runner=workers / in_process",
+        (workers["search"] / workers["trials"]) / (base["search"] / base["trials"]),
+    )
+    return markdown_table(headers, rows) + "\n\n" + ratio, list(found.values())
 
 
 def asha_table(epochs: int) -> tuple[str, list[dict[str, Any]]]:
@@ -167,7 +172,8 @@ def asha_table(epochs: int) -> tuple[str, list[dict[str, Any]]]:
         for scheduler, r in found.items()
     ]  # fmt: skip
     headers = ["scheduler", "finished", "stopped early", "epochs trained", "run_search s", "vs fifo", "best val_mse", "best optim.lr"]
-    return markdown_table(headers, rows), list(found.values())
+    ratio = ratio_line("Tune, run_search time, ASHA / FIFO", found["asha"]["search"] / fifo["search"])
+    return markdown_table(headers, rows) + "\n\n" + ratio, list(found.values())
 
 
 def scheduler_overrides(scheduler: str, trials: int, epochs: int) -> list[str]:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.config import ConfigError, load_config
 from pipeline.errors import BadInput, RunFailed
-from pipeline.runtime import Terminated, exit_now, install_signal_handlers, ray_call_left_running, stop_ray
+from pipeline.runtime import Terminated, exit_now, install_signal_handlers, ray_call_left_running
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -142,10 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 "submit": _submit, "jobs": _jobs}  # fmt: skip
     with _imports_out_of_the_collectors_way():
         code = _run_command(args, commands[args.command])
-    if ray_call_left_running():  # Train's or Tune's fit, left on an error or Ctrl-C: Ray cannot shut down under it
+    if ray_call_left_running():  # Train's or Tune's fit, left on an error: Ray cannot shut down under it
         exit_now(code)
-    if code == EXIT_INTERRUPTED:
-        stop_ray()  # no Ray process of ours outlives this one
     return code
 
 
@@ -164,9 +162,9 @@ def _run_command(args: argparse.Namespace, command: Callable[[argparse.Namespace
         how = "stopped by SIGTERM" if isinstance(interrupt, Terminated) else "interrupted"
         hint = RESUME_HINT.get({"run": "tune", "jobs": "submit"}.get(args.command, args.command))
         print(f"{how}{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
-        if isinstance(interrupt, Terminated):
-            exit_now(EXIT_TERMINATED)
-        return EXIT_INTERRUPTED
+        # Ray's processes are going down already (they had the signal too), Tune's threads may still call them:
+        # no ray.shutdown (see exit_now), and no Ray process of ours outlives this one.
+        exit_now(EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED)
 
 
 @contextmanager

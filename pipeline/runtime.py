@@ -41,7 +41,6 @@ __all__ = [
     "on_cluster",
     "ray_call_left_running",
     "run_interruptibly",
-    "stop_ray",
 ]
 
 T = TypeVar("T")
@@ -99,24 +98,16 @@ def ensure_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
         install_signal_handlers()
 
 
-def stop_ray() -> None:
-    """Stop the local Ray this process started (on a cluster: disconnect), so that no process outlives us."""
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
 def exit_now(code: int) -> NoReturn:
     """End this process's own processes (a local Ray's raylet, GCS and workers) and exit at once, with `code`.
 
-    Not ray.shutdown(), in two cases. After SIGTERM to the whole process group (systemd, `kill -- -PGID`), Ray's
-    processes are going down already, and Ray's core ends a driver whose object store has gone with exit code 1,
-    about 0.1 s later; a shutdown would also wait ~8 s on them (measured). And while a Ray call is left running
-    (ray_call_left_running), its thread's next Ray call after a shutdown makes Ray's core end the process with
-    exit code 1, and an interpreter exit around it can crash (SIGSEGV; both seen in CI). On a cluster, the
-    driver's exit ends its job: Ray removes the job's actors and placement groups."""
+    Not ray.shutdown(), in two cases. After Ctrl-C or SIGTERM to the whole process group (a terminal, systemd,
+    `kill -- -PGID`), Ray's processes are going down already, and Ray's core ends a driver whose object store has
+    gone with exit code 1, about 0.1 s later; a shutdown would also wait ~8 s on them (measured). And while Ray
+    calls go on in other threads (Train's or Tune's fit left on an error or Ctrl-C, Tune's own threads), the next
+    one after a shutdown makes Ray's core end the process with exit code 1, and an interpreter exit around it can
+    crash (SIGSEGV; both seen in CI). On a cluster, the driver's exit ends its job: Ray removes its actors and
+    placement groups. What must outlive the process (MLflow's run status, checkpoints) is written before."""
     import psutil
 
     children = psutil.Process().children(recursive=True)

@@ -129,11 +129,12 @@ def test_postgresql_restarted_mid_run_loses_no_epoch(production_stack: Stack, tm
 
 
 def test_an_object_store_away_for_a_while_mid_run_loses_no_checkpoint(production_stack: Stack, tmp_path: Path) -> None:
-    # The run reaches the bucket through a relay that this test cuts for 10 s: connections refused.
+    # The run reaches the bucket through a relay that this test cuts for 10 s: connections refused. Epochs of about
+    # 1.5 s: the cut comes while the run still has many to upload (with 0.5 s ones, CI saw a run end before it).
     relay = Relay(int(production_stack.s3_endpoint.rsplit(":", 1)[1]))
-    prefix, epochs = f"away-{secrets.token_hex(4)}", 8
+    prefix, epochs = f"away-{secrets.token_hex(4)}", 12
     run = start_cli("train", "conf/linear_regression.yaml", f"storage_path=s3://{production_stack.bucket}/{prefix}",
-                    f"data.root={tmp_path}", f"train.epochs={epochs}", "data.num_samples=20000", "scaling.num_workers=0",
+                    f"data.root={tmp_path}", f"train.epochs={epochs}", "data.num_samples=60000", "scaling.num_workers=0",
                     "train.checkpoints_to_keep=100", "--output", "json",
                     env={**_env(production_stack), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}"})  # fmt: skip
     deadline = time.monotonic() + 180
