@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.access import check_access, server_request
 from pipeline.config import ConfigError, ExperimentConfig, config_hash, flatten
 from pipeline.redaction import redact, safe_config
+from pipeline.sqlite_store import new_sqlite_store
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -155,31 +156,8 @@ def _create_sqlite_store(store: Store) -> None:
     with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not path.exists():
-            _new_sqlite_store(path)
+            new_sqlite_store(path)
         client(store.uri).search_experiments(max_results=1)
-
-
-def _new_sqlite_store(path: Path) -> None:
-    """A new store made by MLflow's own migrations with one fsync, not 1,084 (one per statement): 0.05 s on an idle
-    disk, 3-4 s on a busy one (measured, CI running). As `mlflow migrate-filestore` does, synchronous=OFF; here on a
-    file beside the store, synced, then renamed into place: whole or not at all. MLflow's tables (test_tracking)."""
-    import sqlalchemy
-
-    try:
-        from mlflow.store.db.utils import _initialize_tables  # what MLflow runs on an empty database
-    except ImportError:  # moved in another MLflow: it makes the store on first use, as before
-        return
-    building = path.with_name(f".{path.name}.{os.getpid()}.new")
-    engine = sqlalchemy.create_engine(f"sqlite:///{building}", poolclass=sqlalchemy.pool.NullPool)
-    sqlalchemy.event.listen(engine, "connect", lambda connection, _: connection.execute("PRAGMA synchronous = OFF"))
-    try:
-        _initialize_tables(engine)
-        with open(building, "rb") as made:
-            os.fsync(made.fileno())
-        os.replace(building, path)
-    finally:
-        engine.dispose()
-        building.unlink(missing_ok=True)
 
 
 def git_commit() -> str:

@@ -23,6 +23,7 @@ from pandas.testing import assert_frame_equal
 from pipeline.config import load_config
 from pipeline.data.store import load_splits
 from pipeline.loop import load_checkpoint
+from pipeline.sqlite_store import _schema_key
 from pipeline.tracking import Store, check_store
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, mlflow_client, run_cli, runs_of, tiny
@@ -305,9 +306,12 @@ def test_an_unreachable_server_fails_before_training_naming_the_uri(tmp_path: Pa
     assert not (tmp_path / "linear_regression").exists(), "nothing was trained"
 
 
-def test_a_new_sqlite_store_holds_the_tables_and_rows_mlflow_itself_makes(tmp_path: Path) -> None:
-    # check_store makes a new store with one fsync (tracking._new_sqlite_store); MLflow makes the other its own way.
-    check_store(Store(f"sqlite:///{tmp_path / 'ours.db'}", "tracking.uri"))
+def test_a_new_sqlite_store_holds_the_tables_and_rows_mlflow_itself_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_store makes new stores by copying an empty one it keeps in the cache folder (sqlite_store.py): the first
+    # (ours.db) makes that template, the second (again.db) is a copy of it. MLflow makes the third its own way.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in ("ours.db", "again.db"):
+        check_store(Store(f"sqlite:///{tmp_path / name}", "tracking.uri"))
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments(max_results=1)
 
     def contents(name: str) -> list:
@@ -321,8 +325,19 @@ def test_a_new_sqlite_store_holds_the_tables_and_rows_mlflow_itself_makes(tmp_pa
         times = {columns.index("creation_time"), columns.index("last_update_time")}  # the Default experiment's, a clock apart
         return [schema, rows[0], [tuple(v for i, v in enumerate(row) if i not in times) for row in rows[1]]]
 
-    assert contents("ours.db") == contents("mlflow.db")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "ours.db", "ours.db.lock"], "no half-made file left"
+    assert contents("ours.db") == contents("again.db") == contents("mlflow.db")
+    made = ["again.db", "again.db.lock", "cache", "mlflow.db", "ours.db", "ours.db.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == made, "no half-made file left"
+    assert [p.name for p in (tmp_path / "cache" / "pipeline").iterdir()] == [f"mlflow-store-{_schema_key()}.db"]
+
+
+def test_a_cache_folder_that_cannot_be_written_still_gets_a_new_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "cache").write_text("a file where the cache folder would be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    check_store(Store(f"sqlite:///{tmp_path / 'ours.db'}", "tracking.uri"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ours.db'}")
+    assert [e.name for e in client.search_experiments()] == ["Default"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "ours.db", "ours.db.lock"]
 
 
 @pytest.mark.mlflow_server
