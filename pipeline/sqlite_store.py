@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["new_sqlite_store"]
+__all__ = ["new_sqlite_store", "template_path"]
 
 
 def new_sqlite_store(path: Path) -> None:
@@ -33,10 +33,16 @@ def new_sqlite_store(path: Path) -> None:
         building.unlink(missing_ok=True)
 
 
+def template_path() -> Path:
+    """Where the empty store of this MLflow and SQLAlchemy is kept (whether made yet or not)."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
+    return folder / f"mlflow-store-{_schema_key()}.db"
+
+
 def _cached_template() -> Path | None:
     """The empty store of this MLflow and SQLAlchemy, made on first use; None where it cannot be made or kept."""
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pipeline"
-    template = folder / f"mlflow-store-{_schema_key()}.db"
+    template = template_path()
+    folder = template.parent
     if template.exists():
         return template
     try:

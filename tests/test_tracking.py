@@ -23,7 +23,7 @@ from pandas.testing import assert_frame_equal
 from pipeline.config import load_config
 from pipeline.data.store import load_splits
 from pipeline.loop import load_checkpoint
-from pipeline.sqlite_store import _schema_key
+from pipeline.sqlite_store import template_path
 from pipeline.tracking import Store, check_store
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, mlflow_client, run_cli, runs_of, tiny
@@ -328,7 +328,7 @@ def test_a_new_sqlite_store_holds_the_tables_and_rows_mlflow_itself_makes(tmp_pa
     assert contents("ours.db") == contents("again.db") == contents("mlflow.db")
     made = ["again.db", "again.db.lock", "cache", "mlflow.db", "ours.db", "ours.db.lock"]
     assert sorted(p.name for p in tmp_path.iterdir()) == made, "no half-made file left"
-    assert [p.name for p in (tmp_path / "cache" / "pipeline").iterdir()] == [f"mlflow-store-{_schema_key()}.db"]
+    assert list((tmp_path / "cache" / "pipeline").iterdir()) == [template_path()]
 
 
 def test_a_cache_folder_that_cannot_be_written_still_gets_a_new_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
