@@ -343,7 +343,7 @@ def report(quick: bool, repeat: int) -> str:
         f"{spread} Load average at the start: {load} on {os.cpu_count()} cores."), "",
         markdown_table(headers, rows), "",
         verdict(size, full, small, ray_tiny, ray_full), "",
-        ratio_line("memory, worker peak RSS / the data's size", max(full["peak_kib"], ray_full or 0) * 1024 / size, "<= 2x"), "",
+
         ("Where the in-process peak comes from (the FashionMNIST-sized run with the highest peak, marks taken as `run_worker` calls "
          "the data functions):"), "",
         markdown_table(["stage", "RSS MiB", "peak so far MiB", "peak grew MiB", "peak x data"], stage_rows),
@@ -364,7 +364,8 @@ def verdict(size: int, full: dict[str, Any], small: dict[str, Any], ray_tiny: in
         f"Target: peak RSS per worker <= 2x the data ({2 * size / MIB:.1f} MiB): **{'met' if met else 'not met'}**; "
         f"the worker peaks at {max(peaks) * 1024 / size:.1f}x, {full['baseline_kib'] / 1024:.0f} MiB of it imports "
         f"before any data is read. The data's own share (peak minus the same run on {TINY_TRAIN} + {TINY_TEST} "
-        f"samples) is {share_text}: {'within' if share_met else 'over'} the 2x target on its own."
+        f"samples) is {share_text}: {'within' if share_met else 'over'} the 2x target on its own.\n\n"
+        + ratio_line("memory, the data's share of a worker's peak RSS / the data's size", max(shares.values()) * 1024 / size, "<= 2x")
     )
 
 

@@ -1,11 +1,13 @@
-"""Every CPU benchmark, one command, one report (about 10 minutes on 2 cores):
+"""Every CPU benchmark, one command, one report (15 minutes untrimmed on 2 cores, 2026-12-04; trimmed since):
 
     .venv/bin/python -m bench.run_all
 
 Prints the machine, then the throughput (with train.compile), fixed-cost, scale (1x and 4x; `bench.scale`
-alone adds 16x), Tune and memory tables, and at the end every ratio they measured, one line each; writes the
-same text to bench/results/latest.md, ready for docs/BENCHMARKS.md. Run it on an otherwise idle machine: the
-ratios compare contenders measured in the same run, but absolute numbers move with the load.
+alone adds 16x), Tune and memory tables, and at the end every ratio they measured, one line each, and what
+each benchmark took; writes the same text to bench/results/latest.md, ready for docs/BENCHMARKS.md. Each runs
+trimmed to what its ratios need (one repeat, fewer contenders); alone, each measures more. Run it on an
+otherwise idle machine: the ratios compare contenders measured in the same run, but absolute numbers move
+with the load.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ def main() -> None:
         took[name] = time.monotonic() - started
         return text
 
-    sections = [header, run("throughput", throughput.main, ["--repeats", "2"])]
+    # Trimmed to what the ratios need, to stay within about 10 minutes; each module alone measures more.
+    sections = [header, run("throughput", throughput.main, ["--repeats", "1", "--ratios-only"])]
     ray.shutdown()  # the later benchmarks start their own Ray, each in its own interpreter: an idle one must not sit beside them
-    sections.append(run("fixed costs", fixed_costs.main, ["--repeat", "1"]))
+    sections.append(run("fixed costs", fixed_costs.main, ["--repeat", "1", "--ratio-only"]))
     sections.append(run("scale", scale.main, ["--factors", "1", "4"]))
-    sections.append(run("Tune", tune_overhead.main, []))
-    sections.append(run("memory", memory.main, ["--repeat", "1"]))
+    sections.append(run("Tune", tune_overhead.main, ["--worker-trials", "2"]))
+    sections.append(run("memory", memory.main, ["--quick"]))
     sections.append(summary(sections, took))
     print("\n" + sections[-1])
     RESULTS_DIR.mkdir(exist_ok=True)

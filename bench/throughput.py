@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.throughput            # the full run: a few minutes on 2 cores
     .venv/bin/python -m bench.throughput --quick    # a tenth of the samples: a smoke test
     .venv/bin/python -m bench.throughput --no-ray   # only the in-process contenders
+    .venv/bin/python -m bench.throughput --repeats 1 --ratios-only   # as bench.run_all runs it
 
 Run from the repository root. The data are MNIST-sized stand-ins (60,000 + 10,000 28x28 uint8 images
 in the real IDX layout, pipeline/standin.py's writer), generated once into bench/.data and reused; the
@@ -195,7 +196,10 @@ def in_process_contenders(case: Case, warmup: int) -> tuple[int, list[Contender]
     ]  # fmt: skip
 
 
-def ray_contenders(case: Case) -> list[tuple[int, Contender]]:
+RATIO_CONTENDERS = ("Ray 1 worker", "Ray 1 worker, streamed")  # --ratios-only: what the streamed / in-memory ratio needs
+
+
+def ray_contenders(case: Case, ratios_only: bool = False) -> list[tuple[int, Contender]]:
     """The Ray contenders (each a whole run_training; its first epoch is the warm-up), with their samples.
 
     Ray gives a worker as many torch threads as it holds CPUs (OMP_NUM_THREADS), 1 by default.
@@ -211,6 +215,8 @@ def ray_contenders(case: Case) -> list[tuple[int, Contender]]:
         ("Ray 1 worker, streamed", 1, 1, one, "stream"),
         ("Ray 2 workers, streamed", 2, 1, two, "stream"),
     ):
+        if ratios_only and label not in RATIO_CONTENDERS:
+            continue
         if loader == "stream" and workers * cpus >= cores:
             print(f"  (skipped {label}: Ray Data's read tasks need a CPU beside the workers; this machine has {cores})")
             continue
@@ -267,6 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="measurements per in-process contender (median shown)")
     parser.add_argument("--ray", action=argparse.BooleanOptionalAction, default=True, help="also time the Ray contenders")
     parser.add_argument("--quick", action="store_true", help="a tenth of the samples, one repeat: a smoke test")
+    parser.add_argument("--ratios-only", action="store_true", help="of the Ray contenders, only the two that the streamed ratio compares")
     args = parser.parse_args(argv)
     if args.quick:
         args.mlp_samples, args.cnn_samples, args.warmup_steps, args.repeats = args.mlp_samples // 10, args.cnn_samples // 10, 5, 1
@@ -288,7 +295,7 @@ def main(argv: list[str] | None = None) -> str:
         ensure_ray()  # as the CLI starts it: all of this machine's CPUs
         for case in results:
             print(f"{case.label}, on Ray:", flush=True)
-            results[case] += measure(ray_contenders(case), repeats=1)
+            results[case] += measure(ray_contenders(case, args.ratios_only), repeats=1)
     report = [f"## Training throughput (batch {BATCH} per worker; torch.set_num_threads({THREADS}) in the driver)", ""]
     for case, found in results.items():
         report += [f"### {case.label}", "", results_table(found), "", *ratio_lines(case.label, found)]
