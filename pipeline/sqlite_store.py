@@ -13,24 +13,24 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 __all__ = ["new_sqlite_store", "template_path"]
 
 
 def new_sqlite_store(path: Path) -> None:
-    """Make the empty store at `path`, whole or not at all: built beside it, synced, then renamed into place."""
-    building = path.with_name(f".{path.name}.{os.getpid()}.new")
-    try:
-        template = _cached_template()
-        if template is not None:
-            shutil.copyfile(template, building)
-        elif not _migrate(building):
-            return  # another MLflow: it makes the store on first use, as before
-        _sync(building)
-        os.replace(building, path)
-    finally:
-        building.unlink(missing_ok=True)
+    """Make the empty store at `path`, whole or not at all."""
+    template = _cached_template()
+    if template is None:
+        _write_whole(path, _migrate)  # declined by another MLflow: it makes the store on first use, as before
+        return
+
+    def copy(building: Path) -> bool:
+        shutil.copyfile(template, building)
+        return True
+
+    _write_whole(path, copy)
 
 
 def template_path() -> Path:
@@ -42,24 +42,28 @@ def template_path() -> Path:
 def _cached_template() -> Path | None:
     """The empty store of this MLflow and SQLAlchemy, made on first use; None where it cannot be made or kept."""
     template = template_path()
-    folder = template.parent
     if template.exists():
         return template
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # a read-only home, a file in the way
-        return None
-    building = template.with_name(f".{template.name}.{os.getpid()}.new")
-    try:
-        if not _migrate(building):
-            return None
-        _sync(building)
-        os.replace(building, template)  # two processes making it at once: either copy is the same store
+        template.parent.mkdir(parents=True, exist_ok=True)  # a read-only home, a file in the way: OSError
+        # Two processes making it at once: either copy is the same store.
+        return template if _write_whole(template, _migrate) else None
     except OSError:
         return None
+
+
+def _write_whole(target: Path, make: Callable[[Path], bool]) -> bool:
+    """`make(file)` on a file beside `target`, synced, then renamed into place: whole or not at all. False where
+    `make` declined (and nothing is left)."""
+    building = target.with_name(f".{target.name}.{os.getpid()}.new")
+    try:
+        if not make(building):
+            return False
+        _sync(building)
+        os.replace(building, target)
+        return True
     finally:
         building.unlink(missing_ok=True)
-    return template
 
 
 def _schema_key() -> str:
