@@ -135,23 +135,30 @@ class Measurement:
     samples_per_sec: float
     busy_percent: float
     peak_mib: float
+    first_epoch_s: float  # the warm-up epoch's wall time: torch.compile's compilation shows here
+    val_loss: float = float("nan")  # the pipeline's, where its conf holds out a validation split
 
 
-def measure_plain(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int) -> Measurement:
-    """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones."""
+def measure_plain(
+    cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int, compile_mode: str | None = None
+) -> Measurement:
+    """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones; `compile_mode`: the model
+    under torch.compile(mode=compile_mode), as a PyTorch user would compile it."""
     x, y = training_set(cfg, spec, device)
     layout = memory_format(cfg, spec)
     model, optimizer, loss_fn = fresh_model(cfg, spec, device, layout)
+    if compile_mode:
+        model = torch.compile(model, mode=compile_mode)  # type: ignore[assignment]
     batches = shuffled_batches(normalized(x, spec).contiguous(memory_format=layout), y, cfg.data.batch_size)
     amp = cfg.train.amp and device.type == "cuda"
-    train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)  # warm-up
+    first_epoch_s = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     busy = BusySampler()
     busy.start()
     elapsed = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)
     busy.stop()
-    return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device))
+    return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device), first_epoch_s)
 
 
 def training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,19 +172,24 @@ def training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device)
 def measure_pipeline(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> Measurement:
     """run_worker for 2 epochs; GPU busy sampled from the first epoch's report to the second's."""
     busy = BusySampler()
+    started, first_epoch_s = time.perf_counter(), float("nan")
 
     def on_event(event: dict) -> None:  # progress ticks cost one loss.item() every 0.5 s, as in `pipeline train`
+        nonlocal first_epoch_s
         if event.get("event") == "epoch":
             (busy.start if event["metrics"]["epoch"] == 1 else busy.stop)()
-            if event["metrics"]["epoch"] == 1 and device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            if event["metrics"]["epoch"] == 1:
+                first_epoch_s = time.perf_counter() - started  # with the model's setup and the data's copy
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
 
     with tempfile.TemporaryDirectory() as run_dir:
         session = LocalSession(Path(run_dir), keep=1, metric=cfg.metric, mode=cfg.metric_mode, device=device)
         run_worker(cfg, spec, session, on_event)
     busy.stop()
     assert session.last_metrics is not None
-    return Measurement(float(session.last_metrics["samples_per_sec"]), busy.mean, peak_mib(device))
+    metrics = session.last_metrics
+    return Measurement(float(metrics["samples_per_sec"]), busy.mean, peak_mib(device), first_epoch_s, metrics.get("val_loss", float("nan")))
 
 
 def peak_mib(device: torch.device) -> float:

@@ -169,10 +169,20 @@ class TrainConfig(_Section):
     # later steps gain depends on the model and the device (docs/BENCHMARKS.md). Off by default. Checkpoints
     # hold the plain model's weights (loop.plain_module): with or without it, the same run.
     compile: bool = Field(False, description="torch.compile the model (the first steps pay compilation)")
+    # torch.compile's own `mode`. reduce-overhead also records the compiled forward and backward as CUDA
+    # graphs, replayed with one launch each: the cure for small models whose GPU waits on the host's kernel
+    # launches (on CPU it compiles as `default`). max-autotune also tries several kernels per op: longer compiles.
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     checkpoints_to_keep: int = Field(2, ge=1)
     # The metric that ranks checkpoints (and, later, registered models); default by task.
     metric: str | None = None
     mode: Literal["min", "max"] | None = None
+
+    @model_validator(mode="after")
+    def _compile_mode_needs_compile(self) -> TrainConfig:
+        if self.compile_mode != "default" and not self.compile:  # it would be ignored without a word
+            raise ValueError(f"train.compile_mode={self.compile_mode} applies only with train.compile=true; set both")
+        return self
 
 
 class ScalingSection(_Section):

@@ -157,7 +157,7 @@ def run_worker(
             return
     with compile_errors(cfg.train.compile):  # torch.compile compiles at the first steps, not when called
         # Compiled with the checkpoint's weights in, before DDP wraps it; checkpoints keep plain keys (plain_module).
-        model = session.wrap(compiled(model) if cfg.train.compile else model)
+        model = session.wrap(compiled(model, cfg.train.compile_mode) if cfg.train.compile else model)
         loss_fn = LOSSES[cfg.loss]()
         prep = preprocessor(cfg, spec, device)
         for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -179,10 +179,12 @@ def run_worker(
 COMPILE_FIX = "set train.compile=false to train without it"
 
 
-def compiled(model: nn.Module) -> nn.Module:
-    """torch.compile's module around `model`, with the same parameters; it compiles at the first steps."""
+def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
+    """torch.compile's module around `model`, with the same parameters; it compiles at the first steps.
+    mode="reduce-overhead" replays the compiled forward and backward as CUDA graphs (on a GPU): the loop
+    reads each step's loss before the next step, as graph outputs are overwritten by the next replay."""
     try:
-        return cast(nn.Module, torch.compile(model))
+        return cast(nn.Module, torch.compile(model, mode=mode))
     except RuntimeError as err:  # a Python that torch.compile does not support (3.15+, ...)
         raise CompileError(f"train.compile=true: {err}; {COMPILE_FIX}") from err
 

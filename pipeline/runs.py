@@ -55,6 +55,7 @@ RESUMABLE_KEYS = (
     "train.checkpoints_to_keep",
     "train.channels_last",  # a memory layout: the same computation
     "train.compile",  # torch.compile fuses the same computation (to float rounding; checkpoints hold plain weights)
+    "train.compile_mode",  # and CUDA graphs replay it
     "scaling",  # how many workers, where, on which devices
     "storage_path",
     "data.root",

@@ -96,6 +96,8 @@ def test_the_issue_s_override_keys_all_exist() -> None:
         ("trian.epochs=1", "trian", "train"),
         ("data.batch_size=many", "data.batch_size", "valid integer"),
         ("data.val_fraction=1.5", "data.val_fraction", "less than 1"),
+        ("train.compile_mode=fast", "train.compile_mode", "'reduce-overhead'"),
+        ("train.compile_mode=reduce-overhead", "train", "applies only with train.compile=true"),
     ],
 )
 def test_bad_values_name_the_key_path_and_what_is_allowed(override: str, key: str, hint: str) -> None:
