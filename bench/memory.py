@@ -41,6 +41,7 @@ from bench.common import DATA_ROOT, bench_module, ensure_mnist_data, markdown_ta
 CONF = "fashion_mnist_mlp"  # data.name fashion_mnist: <data.root>/FashionMNIST/raw, as ensure_mnist_data writes it
 TINY_TRAIN, TINY_TEST = 640, 100
 POLL_S = 0.2
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MIB = 2**20
 
 
@@ -141,10 +142,14 @@ def _mark_calls(module: Any, name: str, stage: Any, mark: Any, *, before: bool =
 
 
 class WorkerSampler:
-    """Polls /proc for this process's Ray Train workers; keeps each one's peak RSS (VmHWM) and sampled RSS."""
+    """Polls /proc for this process's Ray Train workers; keeps each one's peak RSS (VmHWM), sampled RSS, and
+    sampled RSS split into private memory (RssAnon) and the object store's shared pages it touched (RssShmem):
+    a worker reading blocks from Ray's object store maps them without a copy, and each page it has read
+    counts in its RSS until the store hands that memory out again."""
 
     def __init__(self) -> None:
-        self.seen: dict[int, dict[str, Any]] = {}  # pid -> {"titles", "hwm_kib", "rss_kib"}
+        self.seen: dict[int, dict[str, Any]] = {}  # pid -> {"titles", "hwm_kib", "rss_kib", "anon_kib", "shmem_kib"}
+        self.cpu: dict[int, tuple[str, float]] = {}  # every descendant: pid -> (its kind, CPU seconds at the last poll)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -166,19 +171,35 @@ class WorkerSampler:
             try:
                 title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
                 status = Path(f"/proc/{pid}/status").read_text()
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # gone since the listing
                 continue
+            kind = _kind(title.split()[0] if title else "", self.cpu.get(pid, ("",))[0])
+            self.cpu[pid] = (kind, (int(stat[11]) + int(stat[12])) / CLOCK_TICKS)  # utime + stime
             if not title.startswith("ray::"):
                 continue
             fields = {k: v for k, _, v in (line.partition(":") for line in status.splitlines())}
-            hwm, rss = (int(fields.get(key, "0 kB").split()[0]) for key in ("VmHWM", "VmRSS"))
-            entry = self.seen.setdefault(pid, {"titles": set(), "hwm_kib": 0, "rss_kib": 0})
+            entry = self.seen.setdefault(pid, {"titles": set(), "hwm_kib": 0, "rss_kib": 0, "anon_kib": 0, "shmem_kib": 0})
             entry["titles"].add(title.split()[0])
-            entry["hwm_kib"] = max(entry["hwm_kib"], hwm)
-            entry["rss_kib"] = max(entry["rss_kib"], rss)
+            for key, field in (("hwm_kib", "VmHWM"), ("rss_kib", "VmRSS"), ("anon_kib", "RssAnon"), ("shmem_kib", "RssShmem")):
+                entry[key] = max(entry[key], int(fields.get(field, "0 kB").split()[0]))
+
+    def cpu_by_kind(self) -> dict[str, float]:
+        """CPU seconds so far of this process's descendants, summed by kind (see _kind)."""
+        totals: dict[str, float] = {}
+        for kind, seconds in self.cpu.values():
+            totals[kind] = totals.get(kind, 0.0) + seconds
+        return totals
 
     def train_workers(self, exclude: set[int] | frozenset[int] = frozenset()) -> dict[int, dict[str, Any]]:
         return {pid: e for pid, e in self.seen.items() if pid not in exclude and any("RayTrainWorker" in t for t in e["titles"])}
+
+
+def _kind(title: str, before: str) -> str:
+    """A Ray Train worker (also before it took the name: it starts as an idle worker), or the rest of Ray: raylet,
+    GCS, Train's controller, idle workers, and with data.loader=stream Ray Data's coordinators, actors and readers.
+    Their share is told apart by difference: the same run streamed against in memory."""
+    return "train worker" if title.startswith("ray::RayTrainWorker") or before == "train worker" else "rest of Ray"
 
 
 def _descendants(root: int) -> list[int]:

@@ -10,8 +10,11 @@ this process before any measurement. Each factor is trained by conf/fashion_mnis
 (batch 64, 1 worker of 1 CPU, `scaling.runner=ray`) twice: from the in-memory tensor
 (`data.loader=memory`) and streamed from Ray Data shards (`data.loader=stream`; Ray Data's read tasks
 take the second CPU). All runs of a factor share one local Ray, started by a fresh interpreter; a thread
-keeps each Ray Train worker's VmHWM (bench/memory.py's sampler). Epoch time is the loop's own training
-time (rows / samples_per_sec: every step, including the waits for data), not the evaluation.
+keeps each Ray Train worker's VmHWM (bench/memory.py's sampler), and its sampled private memory (RssAnon) and
+object-store pages (RssShmem). Epoch time is the loop's own training time (rows / samples_per_sec: every step,
+including the waits for data), not the evaluation. The CPU seconds are over the whole run_training (worker
+start, epoch, evaluation): the Ray Train worker's, and the rest of Ray's processes'; the streamed run's extra
+in the latter is Ray Data's own cost (its split coordinators, stats and autoscaling actors, read tasks).
 
 Linear growth means seconds per 1,000 rows stay level as the data grows; flat streaming memory means
 its peak stays at its 1x value while the in-memory peak grows with the data.
@@ -69,8 +72,13 @@ def child(factor: int) -> dict[str, Any]:
             done: set[int] = set()
             for loader in LOADERS:
                 cfg = load_config(f"conf/{CONF}.yaml", overrides(data_root(factor), storage, loader))
+                sampler.poll()
+                cpu_before = sampler.cpu_by_kind()
                 workers, wall, result = train_sampled(sampler, cfg, done)
-                found[loader] = {"peak_kib": max(e["hwm_kib"] for e in workers.values()), "wall_s": wall,
+                cpu = {kind: s - cpu_before.get(kind, 0.0) for kind, s in sampler.cpu_by_kind().items()}
+                found[loader] = {"cpu_s": cpu, "peak_kib": max(e["hwm_kib"] for e in workers.values()), "wall_s": wall,
+                                 "private_kib": max(e["anon_kib"] for e in workers.values()),
+                                 "shared_kib": max(e["shmem_kib"] for e in workers.values()),
                                  "samples_per_sec": result.metrics["samples_per_sec"]}  # fmt: skip
     return found
 
@@ -96,11 +104,16 @@ def report(results: dict[int, dict[str, Any]]) -> str:
             run = found[loader]
             epoch_s = train / run["samples_per_sec"]
             peak = run["peak_kib"] * 1024 / MIB
+            private = run["private_kib"] / 1024
+            cpu = run["cpu_s"]
             rows.append((f"{factor}x", loader, f"{found['rows']:,}", f"{found['mib']:,.0f}", f"{epoch_s:.1f}",
+                         f"{cpu.get('train worker', 0):.1f}", f"{cpu.get('rest of Ray', 0):.1f}",
                          f"{1000 * epoch_s / train:.3f}", f"{peak:,.0f}", f"{peak / (first[loader]['peak_kib'] * 1024 / MIB):.2f}x",
+                         f"{private:,.0f}", f"{private / (first[loader]['private_kib'] / 1024):.2f}x", f"{run['shared_kib'] / 1024:,.0f}",
                          f"{run['wall_s']:.1f}"))  # fmt: skip
-    headers = ["data", "loader", "training file rows", "decoded MiB", "epoch s", "s per 1k rows", "worker peak RSS MiB",
-               "peak vs 1x", "run_training wall s"]  # fmt: skip
+    headers = ["data", "loader", "training file rows", "decoded MiB", "epoch s", "run CPU s: train worker", "run CPU s: rest of Ray", "s per 1k rows", "worker peak RSS MiB",
+               "peak vs 1x", "private MiB (RssAnon, sampled)", "private vs 1x", "object-store pages MiB (RssShmem, sampled)",
+               "run_training wall s"]  # fmt: skip
     lines = [
         f"## Scale: conf/{CONF}.yaml, 1 epoch, 1 Ray Train worker, {', '.join(f'{f}x' for f in results)} FashionMNIST-sized data",
         "",
@@ -124,6 +137,13 @@ def scale_ratios(results: dict[int, dict[str, Any]]) -> list[str]:
         lines.append(
             ratio_line(
                 f"scale, {loader}, worker peak RSS at {big}x / {small}x", last[loader]["peak_kib"] / first[loader]["peak_kib"], peak_goal
+            )
+        )
+        lines.append(
+            ratio_line(
+                f"scale, {loader}, worker private memory at {big}x / {small}x",
+                last[loader]["private_kib"] / first[loader]["private_kib"],
+                peak_goal,
             )
         )
     lines.append(
