@@ -167,6 +167,33 @@ print(json.dumps({{"ours": ours, "pyfunc": pyfunc}}))
 
 
 @pytest.mark.mlflow_server
+def test_a_registered_model_pins_this_environment_s_versions(
+    registered_mnist: dict, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.metadata
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    listed = Path(mlflow.pyfunc.get_model_dependencies(f"models:/{registered_mnist['ref']}")).read_text().split()
+    for package in ("torch", "mlflow", "numpy"):  # torch without its local tag (+cu130): PyPI has none
+        assert f"{package}=={importlib.metadata.version(package).split('+')[0]}" in listed
+
+
+def test_log_model_s_requirement_check_is_skipped_while_logging_and_back_after() -> None:
+    import mlflow.pyfunc
+    import mlflow.utils.environment
+
+    from pipeline.registry import _no_requirement_check
+
+    modules = (mlflow.utils.environment, mlflow.pyfunc)  # where log_model and load_model call it
+    checks = [module.warn_dependency_requirement_mismatches for module in modules]
+    with _no_requirement_check():
+        assert all(module.warn_dependency_requirement_mismatches is not check for module, check in zip(modules, checks, strict=True))
+    assert all(module.warn_dependency_requirement_mismatches is check for module, check in zip(modules, checks, strict=True))
+
+
+@pytest.mark.mlflow_server
 def test_load_model_and_the_pyfunc_take_images_in_every_usual_layout(registered_mnist: dict, mlflow_server: str, tmp_path: Path) -> None:
     images = registered_mnist["images"][:4]  # uint8 (N, 1, 28, 28)
     layouts = {"nchw": images, "nhw": images[:, 0], "nhwc": images.transpose(0, 2, 3, 1), "one_chw": images[0],
