@@ -10,6 +10,8 @@ normalizes them there.
 
 from __future__ import annotations
 
+import itertools
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +91,7 @@ class Streamed:
 
             shards = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
         self.splits = shards
+        self._ahead: dict[int, ReadAhead] = {}  # epoch -> its training chunks, asked for before it began
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
         size = self.cfg.data.batch_size
@@ -96,15 +99,25 @@ class Streamed:
         # Whole batches per chunk, so that only the shard's last chunk leaves an incomplete batch to drop.
         chunk = max(SHUFFLE_ROWS // size, 1) * size
         generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        return steps, self._shuffled(self._chunks("train", chunk), size, generator)
+        return steps, self._shuffled(self._train_chunks(epoch, chunk), size, generator)
 
     def eval_batches(self, split: str) -> Iterator[Pair]:
-        return self._chunks(split, max(self.cfg.data.batch_size, EVAL_BATCH))
+        rows = max(self.cfg.data.batch_size, EVAL_BATCH)
+        return (self._on_device(chunk) for chunk in self.splits[split].iter_batches(**_chunking(rows)))
 
-    def _chunks(self, split: str, rows: int) -> Iterator[Pair]:
-        for chunk in self.splits[split].iter_batches(batch_size=rows, batch_format="numpy", prefetch_batches=2):
-            x = _tensor(chunk["x"]).to(self.session.device).view(-1, *self.spec.input_shape)
-            yield x, target_for(_tensor(chunk["y"]), self.cfg.loss).to(self.session.device)
+    def _train_chunks(self, epoch: int, rows: int) -> Iterator[Pair]:
+        """The epoch's chunks. Ray Data starts reading an epoch only when it is asked for it, and its first chunk
+        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so once this epoch's last chunk is in, the
+        next epoch is asked for in a thread, while this one's last steps, the evaluation and the checkpoint run."""
+        ahead = self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"], rows)
+        for chunk in ahead.chunks():
+            yield self._on_device(chunk)
+        if epoch < self.cfg.train.epochs:
+            self._ahead[epoch + 1] = ReadAhead(self.splits["train"], rows, started=True)
+
+    def _on_device(self, chunk: dict[str, np.ndarray]) -> Pair:
+        x = _tensor(chunk["x"]).to(self.session.device).view(-1, *self.spec.input_shape)
+        return x, target_for(_tensor(chunk["y"]), self.cfg.loss).to(self.session.device)
 
     def _shuffled(self, chunks: Iterator[Pair], size: int, generator: torch.Generator) -> Iterator[Pair]:
         for x, y in chunks:
@@ -112,6 +125,37 @@ class Streamed:
             order = torch.randperm(len(y), generator=generator)[:whole].to(x.device)
             for idx in order.view(-1, size):
                 yield x[idx], y[idx]
+
+
+class ReadAhead:
+    """One epoch of a Ray Data shard in chunks; `started`: its first chunk asked for at once, in a daemon thread
+    (a run that ends before the epoch leaves it behind instead of waiting for it)."""
+
+    def __init__(self, shard: Any, rows: int, *, started: bool = False) -> None:
+        self._chunks: Iterator[dict[str, np.ndarray]] = iter(shard.iter_batches(**_chunking(rows)))
+        self._first: list[dict[str, np.ndarray]] = []  # the first chunk, once fetched (none: an empty shard)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._fetch_first, name="pipeline-read-ahead", daemon=True) if started else None
+        if self._thread:
+            self._thread.start()
+
+    def _fetch_first(self) -> None:
+        try:
+            self._first.extend(itertools.islice(self._chunks, 1))
+        except BaseException as err:  # handed to the epoch that reads it, in the loop's thread
+            self._error = err
+
+    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        if self._thread:
+            self._thread.join()
+            if self._error:
+                raise self._error
+        yield from self._first
+        yield from self._chunks
+
+
+def _chunking(rows: int) -> dict[str, Any]:
+    return {"batch_size": rows, "batch_format": "numpy", "prefetch_batches": 2}
 
 
 def split_names(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:

@@ -81,7 +81,8 @@ def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_pa
     from pipeline.batches import Streamed
     from pipeline.checkpoints import LocalSession
 
-    cfg = load_config(CONF_DIR / "mnist_mlp.yaml", [f"data.root={data_root}", "data.download=false", "data.batch_size=64"])
+    overrides = [f"data.root={data_root}", "data.download=false", "data.batch_size=64", "train.epochs=2"]
+    cfg = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
     spec = materialize(cfg.data, cfg.seed)
     session = LocalSession(data_root / "unused", keep=1, metric=None, mode="min", device=torch.device("cpu"))
     streamed = Streamed(cfg, spec, session, shards=streaming_datasets(spec, cfg.data, cfg.seed))
@@ -93,6 +94,8 @@ def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_pa
         assert len(epochs[epoch]) == steps == len(y) // 64 and all(len(by) == 64 for _, by in epochs[epoch])
         seen = {row.tobytes() for bx, _ in epochs[epoch] for row in bx}
         assert seen <= {row.tobytes() for row in x.reshape(len(x), -1)} and len(seen) == steps * 64  # no row twice
+        # Epoch 2 was asked for as soon as epoch 1's last chunk was in (read ahead); after the last epoch, nothing is.
+        assert list(streamed._ahead) == ([2] if epoch == 1 else [])
     first, second = (np.concatenate([by for _, by in epochs[e]]) for e in (1, 2))
     assert not np.array_equal(first, second), "each epoch is shuffled anew"
     assert not np.array_equal(first[:1000], np.sort(first[:1000])), "rows within a chunk are shuffled"
