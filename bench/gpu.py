@@ -36,13 +36,14 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench.common import DATA_ROOT, load_conf, markdown_table
-from bench.plain import fresh_model, normalized, shuffled_batches, train_steps
+from bench.plain import Batch, fresh_model, normalized, shuffled_batches, train_steps
 from pipeline.checkpoints import LocalSession
 from pipeline.checks import check_training
 from pipeline.config import ExperimentConfig
@@ -144,12 +145,9 @@ def measure_plain(
 ) -> Measurement:
     """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones; `compile_mode`: the model
     under torch.compile(mode=compile_mode), as a PyTorch user would compile it."""
-    x, y = training_set(cfg, spec, device)
-    layout = memory_format(cfg, spec)
-    model, optimizer, loss_fn = fresh_model(cfg, spec, device, layout)
+    model, optimizer, loss_fn, batches = plain_loop(cfg, spec, device)
     if compile_mode:
         model = torch.compile(model, mode=compile_mode)  # type: ignore[assignment]
-    batches = shuffled_batches(normalized(x, spec).contiguous(memory_format=layout), y, cfg.data.batch_size)
     amp = cfg.train.amp and device.type == "cuda"
     first_epoch_s = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)  # warm-up
     if device.type == "cuda":
@@ -159,6 +157,16 @@ def measure_plain(
     elapsed = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)
     busy.stop()
     return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device), first_epoch_s)
+
+
+def plain_loop(
+    cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device
+) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.nn.Module, Iterator[Batch]]:
+    """The plain loop's model, optimizer, loss and batches: the training set normalized once on the device."""
+    x, y = training_set(cfg, spec, device)
+    layout = memory_format(cfg, spec)
+    model, optimizer, loss_fn = fresh_model(cfg, spec, device, layout)
+    return model, optimizer, loss_fn, shuffled_batches(normalized(x, spec).contiguous(memory_format=layout), y, cfg.data.batch_size)
 
 
 def training_set(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,15 +35,14 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table
-from bench.gpu import CASES, Case, Measurement, bench_conf, ensure_data, measure_pipeline, measure_plain
-from bench.plain import fresh_model, normalized, shuffled_batches, train_steps
+from bench.gpu import CASES, Case, Measurement, bench_conf, ensure_data, measure_pipeline, measure_plain, plain_loop
+from bench.plain import fresh_model, train_steps
 from pipeline.batches import InMemory
 from pipeline.checkpoints import LocalSession
 from pipeline.checks import check_training
 from pipeline.config import ExperimentConfig
 from pipeline.data.store import DatasetSpec
-from pipeline.loop import LOSSES, make_optimizer, memory_format, preprocessor, train_epoch
-from pipeline.models import model_for
+from pipeline.loop import memory_format, preprocessor, train_epoch
 
 GRAPHS = ("train.compile=true", "train.compile_mode=reduce-overhead")
 VALIDATION = "data.val_fraction=0.1"
@@ -134,12 +133,7 @@ def profiled(run_steps: Callable[[int], object], steps: int, device: torch.devic
 
 
 def profile_plain(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device) -> StepProfile:
-    from bench.gpu import training_set
-
-    x, y = training_set(cfg, spec, device)
-    layout = memory_format(cfg, spec)
-    model, optimizer, loss_fn = fresh_model(cfg, spec, device, layout)
-    batches = shuffled_batches(normalized(x, spec).contiguous(memory_format=layout), y, cfg.data.batch_size)
+    model, optimizer, loss_fn, batches = plain_loop(cfg, spec, device)
     amp = cfg.train.amp and device.type == "cuda"
     return profiled(lambda n: train_steps(model, optimizer, loss_fn, batches, n, amp=amp), PROFILED_STEPS, device)
 
@@ -148,9 +142,8 @@ def profile_pipeline(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.dev
     """The pipeline's own train_epoch over its in-memory batches, as run_worker sets them up (eager)."""
     with tempfile.TemporaryDirectory() as run_dir:
         session = LocalSession(Path(run_dir), keep=1, metric=cfg.metric, mode=cfg.metric_mode, device=device)
-        torch.manual_seed(cfg.seed)
-        model = model_for(cfg, spec).to(device).to(memory_format=memory_format(cfg, spec))
-        optimizer, loss_fn, prep = make_optimizer(cfg.optim, model.parameters()), LOSSES[cfg.loss](), preprocessor(cfg, spec, device)
+        model, optimizer, loss_fn = fresh_model(cfg, spec, device, memory_format(cfg, spec))  # as run_worker makes them
+        prep = preprocessor(cfg, spec, device)
         data = InMemory(cfg, spec, session)
         batches = itertools.chain.from_iterable(data.train_batches(epoch)[1] for epoch in itertools.count(1))
 
