@@ -84,6 +84,7 @@ def child_search(overrides: Sequence[str], storage: str) -> dict[str, Any]:
         "gap": median([b - a for a, b in itertools.pairwise(starts)]) if len(starts) > 1 else None,
         "best": result.best.best,
         "best_lr": result.best.params.get("optim.lr"),
+        "errors": [f"{t.trial_id}: {t.error}" for t in result.trials if t.error],
     }
     ray.shutdown()
     return found
@@ -99,7 +100,9 @@ def measure(label: str, overrides: Sequence[str]) -> dict[str, Any]:
     wall, out = run_timed(bench_module("tune_overhead", "--child", *overrides))
     found = {**json.loads(out.strip().splitlines()[-1]), "process": wall}
     if found["failed"]:
-        raise RuntimeError(f"{label}: {found['failed']} of {found['trials']} trials failed; the timing means nothing")
+        raise RuntimeError(
+            f"{label}: {found['failed']} of {found['trials']} trials failed ({'; '.join(found['errors'])}); the timing means nothing"
+        )
     print(f"  {label}: {found['trials']} trials, run_search {found['search']:.1f} s, process {wall:.1f} s", flush=True)
     return found
 
