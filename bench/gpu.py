@@ -257,6 +257,13 @@ def ray_rows(case: Case, root: Path) -> list[tuple[object, ...]]:
     return rows
 
 
+def device_and_data(quick: bool) -> tuple[torch.device, Path, str]:
+    """The GPU (else the CPU: a smoke test), the bench data at full size (2 % if `quick`), and the device's name."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU: CPU"
+    return device, ensure_data(0.02 if quick else 1.0), name
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="measurements per contender and variant (median shown)")
@@ -271,10 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    scale = 0.02 if args.quick else 1.0
-    root = ensure_data(scale)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU: CPU"
+    device, root, name = device_and_data(args.quick)
     report = [f"## GPU throughput ({name}; torch {torch.__version__})", ""]
     wanted = [c for c in CASES if not args.cases or any(w.strip().lower() in c.label.lower() for w in args.cases.split(","))]
     batch = (f"data.batch_size={args.batch}",) if args.batch else ()

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table
-from bench.gpu import CASES, Case, Measurement, bench_conf, ensure_data, measure_pipeline, measure_plain, plain_loop
+from bench.gpu import CASES, Case, Measurement, bench_conf, device_and_data, measure_pipeline, measure_plain, plain_loop
 from bench.plain import fresh_model, train_steps
 from pipeline.batches import InMemory
 from pipeline.checkpoints import LocalSession
@@ -195,9 +195,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    root = ensure_data(0.02 if args.quick else 1.0)
-    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "no GPU: CPU"
+    device, root, name = device_and_data(args.quick)
     report = [f"## CUDA graphs and step profiles ({name}; torch {torch.__version__})", ""]
 
     def save() -> None:  # after every part: a run cut short keeps what it measured
