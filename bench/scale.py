@@ -104,15 +104,15 @@ def report(results: dict[int, dict[str, Any]]) -> str:
             run = found[loader]
             epoch_s = train / run["samples_per_sec"]
             peak = run["peak_kib"] * 1024 / MIB
-            private = run["private_kib"] / 1024
+            private = run["private_kib"] * 1024 / MIB
             cpu = run["cpu_s"]
             rows.append((f"{factor}x", loader, f"{found['rows']:,}", f"{found['mib']:,.0f}", f"{epoch_s:.1f}",
                          f"{cpu.get('train worker', 0):.1f}", f"{cpu.get('rest of Ray', 0):.1f}",
                          f"{1000 * epoch_s / train:.3f}", f"{peak:,.0f}", f"{peak / (first[loader]['peak_kib'] * 1024 / MIB):.2f}x",
-                         f"{private:,.0f}", f"{private / (first[loader]['private_kib'] / 1024):.2f}x", f"{run['shared_kib'] / 1024:,.0f}",
+                         f"{private:,.0f}", f"{run['private_kib'] / first[loader]['private_kib']:.2f}x", f"{run['shared_kib'] * 1024 / MIB:,.0f}",
                          f"{run['wall_s']:.1f}"))  # fmt: skip
-    headers = ["data", "loader", "training file rows", "decoded MiB", "epoch s", "run CPU s: train worker", "run CPU s: rest of Ray", "s per 1k rows", "worker peak RSS MiB",
-               "peak vs 1x", "private MiB (RssAnon, sampled)", "private vs 1x", "object-store pages MiB (RssShmem, sampled)",
+    headers = ["data", "loader", "training file rows", "decoded MiB", "epoch s", "run CPU s: train worker", "run CPU s: rest of Ray",
+               "s per 1k rows", "worker peak RSS MiB", "peak vs 1x", "private MiB (RssAnon, sampled)", "private vs 1x", "object-store pages MiB (RssShmem, sampled)",
                "run_training wall s"]  # fmt: skip
     lines = [
         f"## Scale: conf/{CONF}.yaml, 1 epoch, 1 Ray Train worker, {', '.join(f'{f}x' for f in results)} FashionMNIST-sized data",
