@@ -3,6 +3,7 @@ MLflow runs and metric histories, process groups. Fixtures are in conftest.py.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -276,10 +277,13 @@ class Relay:
         threading.Thread(target=self._accept, args=(self.listener,), daemon=True).start()
 
     def cut(self) -> None:
+        # shutdown before close: on Linux, closing a socket that another thread is blocked on (accept, recv)
+        # leaves that call running, so the relay would still take one new connection and keep the open ones
         assert self.listener is not None
-        self.listener.close()
-        for connection in self.open:
-            connection.close()
+        for sock in (self.listener, *self.open):
+            with contextlib.suppress(OSError):  # already closed by its pump
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
         self.open.clear()
 
     def _accept(self, listener: socket.socket) -> None:

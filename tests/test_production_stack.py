@@ -129,8 +129,9 @@ def test_postgresql_restarted_mid_run_loses_no_epoch(production_stack: Stack, tm
 
 
 def test_an_object_store_away_for_a_while_mid_run_loses_no_checkpoint(production_stack: Stack, tmp_path: Path) -> None:
-    # The run reaches the bucket through a relay that this test cuts for 10 s: connections refused. Epochs of about
-    # 1.5 s: the cut comes while the run still has many to upload (with 0.5 s ones, CI saw a run end before it).
+    # The run reaches the bucket through a relay that this test cuts for 25 s: connections refused. pyarrow's S3
+    # client retries a refused connection for about 12 s itself before it raises (a shorter cut goes unnoticed).
+    # Epochs of about 1 s: the cut comes while the run still has many to upload.
     relay = Relay(int(production_stack.s3_endpoint.rsplit(":", 1)[1]))
     prefix, epochs = f"away-{secrets.token_hex(4)}", 12
     run = start_cli("train", "conf/linear_regression.yaml", f"storage_path=s3://{production_stack.bucket}/{prefix}",
@@ -143,7 +144,7 @@ def test_an_object_store_away_for_a_while_mid_run_loses_no_checkpoint(production
         time.sleep(0.2)
     relay.cut()
     try:
-        time.sleep(10)
+        time.sleep(25)
     finally:
         relay.restore()
     out, err = run.communicate(timeout=300)
