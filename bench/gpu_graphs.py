@@ -12,6 +12,8 @@ augmentation and random weights. Contenders, each measured on its second epoch (
   plain, reduce-overhead      the same model under torch.compile(mode="reduce-overhead")
   pipeline eager              run_worker in this process, train.compile=false
   pipeline, reduce-overhead   run_worker, train.compile=true train.compile_mode=reduce-overhead
+  ..., optimizer not fused    the same with optim.fused=false: torch's default (foreach) optimizer step,
+                              what the pipeline ran before optim.fused (the plain loops run it too)
 
 The pipeline's two hold out a validation split (10 %) and evaluate it after each epoch, as a run does:
 their validation losses, from one seed, must agree to float rounding (the graphs compute the same model).
@@ -45,16 +47,17 @@ from pipeline.data.store import DatasetSpec
 from pipeline.loop import memory_format, preprocessor, train_epoch
 
 GRAPHS = ("train.compile=true", "train.compile_mode=reduce-overhead")
+NOT_FUSED = "optim.fused=false"
 VALIDATION = "data.val_fraction=0.1"
 WARMUP_STEPS, PROFILED_STEPS = 20, 40
 TOP_KERNELS, TOP_OPS = 6, 12
 
 
 def graph_rows(case: Case, root: Path, device: torch.device, repeats: int) -> list[tuple[object, ...]]:
-    """The four contenders on one case, `repeats` times each in alternating order (a drift of the host's
+    """The contenders on one case, `repeats` times each in alternating order (a drift of the host's
     speed over the run hits all alike); medians, and the ratios to the plain eager loop's."""
     eager_cfg = bench_conf(case, root)
-    run_cfg, graphs_cfg = (bench_conf(case, root, extra=(*extra, VALIDATION)) for extra in ((), GRAPHS))
+    run_cfg, graphs_cfg, foreach_cfg = (bench_conf(case, root, extra=(*extra, VALIDATION)) for extra in ((), GRAPHS, (*GRAPHS, NOT_FUSED)))
     spec, run_spec = check_training(eager_cfg), check_training(run_cfg)
     steps = spec.rows["train"] // eager_cfg.data.batch_size
     contenders: list[tuple[str, Callable[[], Measurement]]] = [
@@ -62,6 +65,7 @@ def graph_rows(case: Case, root: Path, device: torch.device, repeats: int) -> li
         ("plain, reduce-overhead", lambda: measure_plain(eager_cfg, spec, device, steps, "reduce-overhead")),
         ("pipeline eager", lambda: measure_pipeline(run_cfg, run_spec, device)),
         ("pipeline, reduce-overhead", lambda: measure_pipeline(graphs_cfg, run_spec, device)),
+        ("..., optimizer not fused", lambda: measure_pipeline(foreach_cfg, run_spec, device)),
     ]
     measured: dict[str, list[Measurement]] = {label: [] for label, _ in contenders}
     for repeat in range(repeats):

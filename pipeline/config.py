@@ -154,6 +154,11 @@ class OptimConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1, description="sgd and rmsprop only")
     weight_decay: float = Field(0.0, ge=0)
+    # torch's fused step: one kernel per device and dtype updates every parameter, where the default launches
+    # a dozen multi-tensor kernels from Python each step; a small model's GPU step waits on such launches
+    # (docs/BENCHMARKS.md). On CUDA, for adam, adamw, sgd and adagrad (rmsprop has none). The same update, to
+    # float rounding: a run may resume with it changed.
+    fused: bool = Field(True, description="the fused optimizer step on CUDA (adam, adamw, sgd, adagrad)")
 
 
 class TrainConfig(_Section):

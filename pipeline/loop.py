@@ -44,6 +44,7 @@ __all__ = [
     "plain_module",
     "preprocessor",
     "ranking",
+    "restore_optimizer",
     "run_worker",
     "train_epoch",
     "validation_metrics",
@@ -73,15 +74,26 @@ class CompileError(RunFailed):
     """torch.compile could not compile the model (train.compile=true): no C++ compiler, no Triton, ..."""
 
 
-def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: OptimConfig, params: Iterator[nn.Parameter], *, fused: bool = False) -> torch.optim.Optimizer:
+    """The config's optimizer over the trainable parameters; `fused`: torch's one-kernel step where the
+    optimizer has one (all but rmsprop), else torch's default implementation."""
     trainable = [p for p in params if p.requires_grad]  # a frozen backbone is not optimized
     lr, decay = cfg.lr, cfg.weight_decay
-    if cfg.name == "sgd":
-        return torch.optim.SGD(trainable, lr=lr, momentum=cfg.momentum, weight_decay=decay)
     if cfg.name == "rmsprop":
         return torch.optim.RMSprop(trainable, lr=lr, momentum=cfg.momentum, weight_decay=decay)
+    implementation = {"fused": True} if fused else {}
+    if cfg.name == "sgd":
+        return torch.optim.SGD(trainable, lr=lr, momentum=cfg.momentum, weight_decay=decay, **implementation)
     optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
-    return optimizers[cfg.name](trainable, lr=lr, weight_decay=decay)
+    return optimizers[cfg.name](trainable, lr=lr, weight_decay=decay, **implementation)
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], cfg: OptimConfig) -> None:
+    """A checkpoint's optimizer state, kept in this run's implementation (fused or not: load_state_dict would
+    bring back the saved one's, and with it where its step counts live) and with the config's values."""
+    implementation = {k: v for k, v in optimizer.param_groups[0].items() if k in ("fused", "foreach")}
+    optimizer.load_state_dict({**saved, "param_groups": [{**g, **implementation} for g in saved["param_groups"]]})
+    apply_optim_values(optimizer, cfg)
 
 
 def apply_optim_values(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
@@ -137,7 +149,7 @@ def run_worker(
     data = Streamed(cfg, spec, session) if streaming else InMemory(cfg, spec, session)
     # Two calls: torch's stubs have no Module.to(device, memory_format=...), though it works.
     model = model_for(cfg, spec).to(device).to(memory_format=memory_format(cfg, spec))
-    optimizer = make_optimizer(cfg.optim, model.parameters())
+    optimizer = make_optimizer(cfg.optim, model.parameters(), fused=cfg.optim.fused and device.type == "cuda")
     start_epoch, history = 1, []  # history: every epoch's metrics so far, carried in each checkpoint
     state = session.restore()
     for message in session.skipped:
@@ -146,8 +158,7 @@ def run_worker(
         raise CheckpointError("every checkpoint of this run is damaged; run the command with --fresh to train it from scratch")
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        apply_optim_values(optimizer, cfg.optim)
+        restore_optimizer(optimizer, state["optimizer"], cfg.optim)
         start_epoch = state["epoch"] + 1
         history = [m for m in state.get("history", []) if m["epoch"] <= state["epoch"]]
         if start_epoch > cfg.train.epochs:  # already finished: log what the tracking lacks, report once more

@@ -56,6 +56,7 @@ RESUMABLE_KEYS = (
     "train.channels_last",  # a memory layout: the same computation
     "train.compile",  # torch.compile fuses the same computation (to float rounding; checkpoints hold plain weights)
     "train.compile_mode",  # and CUDA graphs replay it
+    "optim.fused",  # one kernel for the same update
     "scaling",  # how many workers, where, on which devices
     "storage_path",
     "data.root",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import subprocess
 import sys
@@ -14,7 +15,17 @@ from torch import nn
 from pipeline.checkpoints import LocalSession
 from pipeline.config import ExperimentConfig, OptimConfig, load_config
 from pipeline.data.store import materialize
-from pipeline.loop import DivergedError, OneProcess, evaluate, load_checkpoint, make_optimizer, preprocessor, run_worker, train_epoch
+from pipeline.loop import (
+    DivergedError,
+    OneProcess,
+    evaluate,
+    load_checkpoint,
+    make_optimizer,
+    preprocessor,
+    restore_optimizer,
+    run_worker,
+    train_epoch,
+)
 from tests.helpers import CONF_DIR
 
 CPU = torch.device("cpu")
@@ -77,6 +88,47 @@ def test_the_optimizer_leaves_frozen_parameters_out() -> None:
     optimizer = make_optimizer(OptimConfig(name="sgd", lr=0.1), model.parameters())
     optimized = [p for group in optimizer.param_groups for p in group["params"]]
     assert len(optimized) == 2 and all(p.requires_grad for p in optimized)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "adagrad", "rmsprop"])
+def test_a_fused_optimizer_is_torch_s_fused_one_where_it_has_one(name: str) -> None:
+    fused = make_optimizer(OptimConfig(name=name), nn.Linear(3, 1).parameters(), fused=True)
+    default = make_optimizer(OptimConfig(name=name), nn.Linear(3, 1).parameters())
+    assert fused.param_groups[0].get("fused") is (None if name == "rmsprop" else True)  # rmsprop has none
+    assert not default.param_groups[0].get("fused")
+
+
+def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, count: int) -> None:
+    for step in range(count):
+        torch.manual_seed(step)
+        optimizer.zero_grad()
+        nn.MSELoss()(model(torch.randn(8, 3)), torch.randn(8, 1)).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("saved_fused", [False, True])
+def test_an_optimizer_state_resumes_in_this_run_s_implementation_with_the_same_update(saved_fused: bool) -> None:
+    cfg = OptimConfig(name="adam", lr=0.01)
+    torch.manual_seed(0)
+    saved_model = nn.Linear(3, 1)
+    saved = make_optimizer(cfg, saved_model.parameters(), fused=saved_fused)
+    _steps(saved_model, saved, 3)
+    checkpoint = io.BytesIO()  # as a checkpoint holds it: a copy, not the live tensors
+    torch.save(saved.state_dict(), checkpoint)
+    resumed: dict[bool, nn.Module] = {}
+    for fused in (False, True):  # a checkpoint from a GPU run (fused) resumed on a CPU (not), and the reverse
+        model = nn.Linear(3, 1)
+        model.load_state_dict(saved_model.state_dict())
+        optimizer = make_optimizer(cfg, model.parameters(), fused=fused)
+        checkpoint.seek(0)
+        restore_optimizer(optimizer, torch.load(checkpoint), cfg)
+        assert bool(optimizer.param_groups[0]["fused"]) is fused  # load_state_dict alone brings back the saved one's
+        _steps(model, optimizer, 2)
+        resumed[fused] = model
+    _steps(saved_model, saved, 2)
+    for after in resumed.values():  # Adam's moments and step counts came along: the same update as not stopping
+        for got, want in zip(after.parameters(), saved_model.parameters(), strict=True):
+            torch.testing.assert_close(got, want)
 
 
 def test_run_worker_resumes_from_its_checkpoint_and_records_every_epoch_once(tmp_path: Path) -> None:
