@@ -20,7 +20,7 @@ from tests.helpers import REPO, free_port, last_json, run_cli, tiny
         (["data.name=imagenet"], "data.name: Input should be 'linear', 'circles'"),
         (["optim.name=lion"], "optim.name: Input should be 'sgd', 'adam', 'adamw', 'rmsprop' or 'adagrad'"),
         (["loss=hinge"], "loss: Input should be 'mse', 'l1', 'huber', 'cross_entropy' or 'bce_with_logits'"),
-        (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; the keys here are: lr, momentum"),
+        (["optim.learning_rate=0.1"], "optim.learning_rate: unknown key; the keys here are: fused, lr, momentum"),
         (["train.epochs=ten"], "train.epochs: Input should be a valid integer"),
         (["optim.lr"], "override 'optim.lr': write it as key.path=value"),
         (["model.kwargs={hidden: 8}"], "model.kwargs are for your own model (model.name=package.module:Class); mlp takes"),
