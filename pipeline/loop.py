@@ -149,7 +149,7 @@ def run_worker(
     data = Streamed(cfg, spec, session) if streaming else InMemory(cfg, spec, session)
     # Two calls: torch's stubs have no Module.to(device, memory_format=...), though it works.
     model = model_for(cfg, spec).to(device).to(memory_format=memory_format(cfg, spec))
-    optimizer = make_optimizer(cfg.optim, model.parameters(), fused=cfg.optim.fused and device.type == "cuda")
+    optimizer = make_optimizer(cfg.optim, model.parameters(), fused=cfg.optim.fused)
     start_epoch, history = 1, []  # history: every epoch's metrics so far, carried in each checkpoint
     state = session.restore()
     for message in session.skipped:
