@@ -10,6 +10,7 @@ bytes, however their files were named.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from pipeline.config import ExperimentConfig
 from pipeline.data.store import DatasetSpec, split_sizes
@@ -38,4 +39,25 @@ def log_datasets(run: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec) -> N
         # One name per split: MLflow keeps one dataset per (name, digest) in an experiment.
         dataset = Dataset(f"{spec.name}-{split}", spec.data_hash[:16], "local", source, schema, json.dumps({"num_rows": rows}))
         inputs.append(DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, CONTEXTS[split])]))
-    mlflow_client.log_inputs(run.run_id, datasets=inputs)
+    _log_inputs(mlflow_client, run.run_id, inputs)
+
+
+def _log_inputs(mlflow_client: Any, run_id: str, inputs: list[Any]) -> None:
+    """log_inputs, once more when another run inserted the same data set first. MLflow's SQL store looks each
+    data set up, then inserts the missing ones: the trials of a search, logging the same data at once, race,
+    and the later insert breaks the unique (experiment, name, digest) key. The transaction is rolled back, and
+    the second try finds the data set and only links it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.log_inputs(run_id, datasets=inputs)
+    except MlflowException as err:
+        if not _is_duplicate_key(err):
+            raise
+        mlflow_client.log_inputs(run_id, datasets=inputs)
+
+
+def _is_duplicate_key(err: Exception) -> bool:
+    """The database's words for a broken unique key: SQLite's, PostgreSQL's, MySQL's (through a server too)."""
+    text = str(err).lower()
+    return "unique constraint" in text or "duplicate key" in text or "duplicate entry" in text

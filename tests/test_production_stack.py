@@ -89,7 +89,7 @@ def test_a_search_in_a_bucket_keeps_its_trials_there_and_registers_the_best(prod
     done = run_cli(*args, env=_env(production_stack), timeout=600)
     assert done.returncode == 0, done.stderr
     search = last_json(done.stdout)["search"]
-    assert [t["status"] for t in search["trials"]] == ["finished", "finished"]
+    assert [t["status"] for t in search["trials"]] == ["finished", "finished"], [t["error"] for t in search["trials"]]
     best = next(t for t in search["trials"] if t["trial_id"] == search["best_trial"])
     assert best["best_checkpoint"].startswith(f"s3://{production_stack.bucket}/{prefix}/bucket_search-tune/")
     assert search["registration"]["alias"] == "champion"

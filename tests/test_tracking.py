@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import subprocess
 import sys
+import threading
 from contextlib import closing
 from pathlib import Path
 
@@ -21,10 +23,11 @@ from mlflow import MlflowClient
 from pandas.testing import assert_frame_equal
 
 from pipeline.config import load_config
-from pipeline.data.store import load_splits
+from pipeline.data.store import load_splits, materialize, split_sizes
+from pipeline.lineage import log_datasets
 from pipeline.loop import load_checkpoint
 from pipeline.sqlite_store import template_path
-from pipeline.tracking import Store, check_store
+from pipeline.tracking import Store, TrackedRun, check_store
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, REPO, Stack, free_port, last_json, metric_steps, mlflow_client, run_cli, runs_of, tiny
 
@@ -437,6 +440,36 @@ def test_a_run_logs_the_splits_it_uses_as_mlflow_datasets(data_root: Path, tmp_p
     assert again.mlflow_run_id == result.mlflow_run_id
     rerun = client.get_run(str(result.mlflow_run_id)).inputs
     assert rerun is not None and len(rerun.dataset_inputs) == 3, "a resumed run logs its data sets once"
+
+
+def test_trials_logging_the_same_data_sets_at_once_each_get_them(tmp_path: Path) -> None:
+    # The trials of a search log the same data sets at the same moment. MLflow's SQL store looks a data set up,
+    # then inserts it: a later insert broke the (experiment, name, digest) key and failed its trial (CI saw it).
+    cfg = load_config(CONF_DIR / "linear_regression.yaml", [f"data.root={tmp_path}", "data.num_samples=200"])
+    spec = materialize(cfg.data, cfg.seed)
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    for _ in range(4):  # a new experiment each round: its data sets are not yet there
+        experiment = client.create_experiment(f"lineage_race_{secrets.token_hex(4)}")
+        runs = [TrackedRun(uri, client.create_run(experiment).info.run_id, experiment) for _ in range(4)]
+        start, errors = threading.Barrier(len(runs)), []
+
+        def log(run: TrackedRun, start: threading.Barrier) -> None:
+            start.wait()
+            try:
+                log_datasets(run, cfg, spec)
+            except Exception as err:  # collected: the assertion below names it
+                errors.append(err)
+
+        threads = [threading.Thread(target=log, args=(run, start)) for run in runs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        for run in runs:
+            inputs = client.get_run(run.run_id).inputs
+            assert inputs is not None and len(inputs.dataset_inputs) == len(split_sizes(spec, cfg.data))  # train, val (no test)
 
 
 @pytest.mark.mlflow_server
