@@ -22,8 +22,8 @@ import pytest
 from mlflow import MlflowClient
 from pandas.testing import assert_frame_equal
 
-from pipeline.config import load_config
-from pipeline.data.store import load_splits, materialize, split_sizes
+from pipeline.config import ExperimentConfig, load_config
+from pipeline.data.store import DatasetSpec, load_splits, materialize, split_sizes
 from pipeline.lineage import log_datasets
 from pipeline.loop import load_checkpoint
 from pipeline.sqlite_store import template_path
@@ -442,6 +442,25 @@ def test_a_run_logs_the_splits_it_uses_as_mlflow_datasets(data_root: Path, tmp_p
     assert rerun is not None and len(rerun.dataset_inputs) == 3, "a resumed run logs its data sets once"
 
 
+def _log_datasets_at_once(runs: list[TrackedRun], cfg: ExperimentConfig, spec: DatasetSpec) -> list[Exception]:
+    """log_datasets for every run, each in a thread, released together; the errors they raised."""
+    start, errors = threading.Barrier(len(runs)), []
+
+    def log(run: TrackedRun) -> None:
+        start.wait()
+        try:
+            log_datasets(run, cfg, spec)
+        except Exception as err:  # collected: the test's assertion names it
+            errors.append(err)
+
+    threads = [threading.Thread(target=log, args=(run,)) for run in runs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
 def test_trials_logging_the_same_data_sets_at_once_each_get_them(tmp_path: Path) -> None:
     # The trials of a search log the same data sets at the same moment. MLflow's SQL store looks a data set up,
     # then inserts it: a later insert broke the (experiment, name, digest) key and failed its trial (CI saw it).
@@ -452,20 +471,7 @@ def test_trials_logging_the_same_data_sets_at_once_each_get_them(tmp_path: Path)
     for _ in range(4):  # a new experiment each round: its data sets are not yet there
         experiment = client.create_experiment(f"lineage_race_{secrets.token_hex(4)}")
         runs = [TrackedRun(uri, client.create_run(experiment).info.run_id, experiment) for _ in range(4)]
-        start, errors = threading.Barrier(len(runs)), []
-
-        def log(run: TrackedRun, start: threading.Barrier) -> None:
-            start.wait()
-            try:
-                log_datasets(run, cfg, spec)
-            except Exception as err:  # collected: the assertion below names it
-                errors.append(err)
-
-        threads = [threading.Thread(target=log, args=(run, start)) for run in runs]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        errors = _log_datasets_at_once(runs, cfg, spec)
         assert not errors, errors
         for run in runs:
             inputs = client.get_run(run.run_id).inputs
