@@ -147,8 +147,10 @@ def test_a_grown_search_trains_only_the_new_trial_and_reports_all_three(ray_loca
 @pytest.mark.ray
 def test_a_killed_search_asked_for_more_samples_finishes_its_trials_then_adds_the_new_ones(tmp_path: Path) -> None:
     # A grid of 2 points, 1 sample each, killed once its first trial is done; then 2 samples: the grid again.
+    # 100,000 rows: a trial takes several seconds, so the second is still training when the search is killed
+    # (with 2,000 rows, CI saw both finish within the 1.5 s before the kill, and nothing was left to resume).
     args = ["tune", "conf/linear_regression.yaml", "name=killed_grown", f"storage_path={tmp_path}", f"data.root={tmp_path}",
-            "data.num_samples=2000", "scaling.num_workers=1", "tune.max_concurrent_trials=1", "train.epochs=3", "tune.scheduler=fifo",
+            "data.num_samples=100000", "scaling.num_workers=1", "tune.max_concurrent_trials=1", "train.epochs=3", "tune.scheduler=fifo",
             "tune.space={optim.lr: {grid: [0.05, 0.03]}}", "--output", "json"]  # fmt: skip
     search = start_cli(*args, "tune.num_samples=1")
     trials_dir = wait_for_run_dir(tmp_path, "killed_grown", search, search=True) / "trials"
