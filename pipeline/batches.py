@@ -107,13 +107,18 @@ class Streamed:
 
     def _train_chunks(self, epoch: int, rows: int) -> Iterator[Pair]:
         """The epoch's chunks. Ray Data starts reading an epoch only when it is asked for it, and its first chunk
-        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so once this epoch's last chunk is in, the
-        next epoch is asked for in a thread, while this one's last steps, the evaluation and the checkpoint run."""
+        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so each chunk is fetched before the one before
+        it is trained on, and once the epoch's last chunk is in, the next epoch is asked for in a thread, while
+        this one's last steps, the evaluation and the checkpoint run."""
         ahead = self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"], rows)
-        for chunk in ahead.chunks():
+        chunks = ahead.chunks()
+        chunk = next(chunks, None)
+        while chunk is not None:
+            following = next(chunks, None)
+            if following is None and epoch < self.cfg.train.epochs:
+                self._ahead[epoch + 1] = ReadAhead(self.splits["train"], rows, started=True)
             yield self._on_device(chunk)
-        if epoch < self.cfg.train.epochs:
-            self._ahead[epoch + 1] = ReadAhead(self.splits["train"], rows, started=True)
+            chunk = following
 
     def _on_device(self, chunk: dict[str, np.ndarray]) -> Pair:
         x = _tensor(chunk["x"]).to(self.session.device).view(-1, *self.spec.input_shape)

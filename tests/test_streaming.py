@@ -87,14 +87,20 @@ def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_pa
     session = LocalSession(data_root / "unused", keep=1, metric=None, mode="min", device=torch.device("cpu"))
     streamed = Streamed(cfg, spec, session, shards=streaming_datasets(spec, cfg.data, cfg.seed))
     x, y = load_split_rows(spec, cfg.data, cfg.seed)["train"].arrays()
-    epochs = {}
+    epochs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for epoch in (1, 2):
         steps, batches = streamed.train_batches(epoch)
-        epochs[epoch] = [(bx.numpy().reshape(len(bx), -1), by.numpy()) for bx, by in batches]
+        epochs[epoch], read_ahead_at = [], []
+        for bx, by in batches:
+            epochs[epoch].append((bx.numpy().reshape(len(bx), -1), by.numpy()))
+            read_ahead_at.append(epoch + 1 in streamed._ahead)
         assert len(epochs[epoch]) == steps == len(y) // 64 and all(len(by) == 64 for _, by in epochs[epoch])
         seen = {row.tobytes() for bx, _ in epochs[epoch] for row in bx}
         assert seen <= {row.tobytes() for row in x.reshape(len(x), -1)} and len(seen) == steps * 64  # no row twice
-        # Epoch 2 was asked for as soon as epoch 1's last chunk was in (read ahead); after the last epoch, nothing is.
+        # Epoch 2 was asked for as soon as epoch 1's last chunk was in, before that chunk's batches trained (its
+        # 8,192 rows at most: 128 batches); after the last epoch, nothing is.
+        last_chunk = len(y) % 8192 or 8192
+        assert read_ahead_at == ([False] * (steps - last_chunk // 64) + [True] * (last_chunk // 64) if epoch == 1 else [False] * steps)
         assert list(streamed._ahead) == ([2] if epoch == 1 else [])
     first, second = (np.concatenate([by for _, by in epochs[e]]) for e in (1, 2))
     assert not np.array_equal(first, second), "each epoch is shuffled anew"
