@@ -24,7 +24,7 @@ from pipeline.config import ExperimentConfig
 from pipeline.data.store import DatasetSpec, decoded_mb, streaming_datasets
 from pipeline.errors import RunFailed
 from pipeline.loop import EmitFn, ranking, run_worker, warner
-from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly
+from pipeline.runtime import Needs, ResourceWatch, check_fits, ensure_ray, event_pump, on_cluster, run_interruptibly, sent_in_background
 from pipeline.system_metrics import monitoring, node_name
 from pipeline.tracking import EpochLogger, TrackedRun
 
@@ -285,11 +285,10 @@ def train_fn_per_worker(config: dict[str, Any]) -> None:
         sys.path.insert(0, config["driver_cwd"])
     session = RaySession(config.get("start_from"))
     queue = config.get("progress_queue")
-    emit = queue.put_nowait if queue is not None and session.rank == 0 else None
     cfg = ExperimentConfig.model_validate(config["experiment"])
     run = config.get("tracking")
-    log_epoch = EpochLogger(TrackedRun.from_json(run), warner(emit)) if run and session.rank == 0 else None  # only rank 0 logs
-    with _node_monitor(config, session):
+    with sent_in_background(queue.put_nowait if queue is not None and session.rank == 0 else None) as emit, _node_monitor(config, session):
+        log_epoch = EpochLogger(TrackedRun.from_json(run), warner(emit)) if run and session.rank == 0 else None  # only rank 0 logs
         run_worker(cfg, DatasetSpec.from_json(config["dataset"]), session, emit, log_epoch, streaming=config.get("streaming", False))
 
 

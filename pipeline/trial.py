@@ -24,6 +24,7 @@ from pipeline.lineage import log_datasets
 from pipeline.loop import EmitFn, ranking, run_worker, warner
 from pipeline.pbt import CHUNK_PREFIX, delete_folder, trial_checkpoints
 from pipeline.runs import begin_run, filesystem_of, plan_run, run_folder
+from pipeline.runtime import sent_in_background
 from pipeline.tracking import NOTE, EpochLogger, Store, TrackedRun, open_run
 
 __all__ = ["Emitter", "Population", "TaggedQueue", "TuneSession", "trial_config", "trial_driver", "trial_folder", "trial_run_config"]
@@ -113,7 +114,8 @@ def trial_driver(
         metric, mode = ranking(cfg, spec)
         session = TuneSession(plan.folder, keep=cfg.train.checkpoints_to_keep, metric=metric, mode=mode, device=device,
                               start=start, population=population)  # fmt: skip
-        run_worker(cfg, spec, session, tagged.put_nowait, EpochLogger(run, warner(tagged.put_nowait)))
+        with sent_in_background(tagged.put_nowait) as emit:
+            run_worker(cfg, spec, session, emit, EpochLogger(run, warner(emit)))
     elif population:
         train_in_chunks(cfg, spec, plan.folder, execution, tagged, run, start, population)
     else:

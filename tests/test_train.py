@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from pipeline.checks import check_training
 from pipeline.config import ConfigError, load_config
 from pipeline.data.sources import LINEAR_TRUE_B, LINEAR_TRUE_W
 from pipeline.loop import load_checkpoint, preprocessor
+from pipeline.runtime import sent_in_background
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, last_json, metric_steps, start_cli, tiny, wait_for_files, wait_for_run_dir
 
@@ -208,3 +210,27 @@ def test_system_metrics_name_the_node_only_where_a_run_spans_several() -> None:
 
     assert node_name(node_rank=0, world_size=2, local_world_size=2) is None  # one node: system/cpu_...
     assert [node_name(rank, world_size=4, local_world_size=2) for rank in (0, 1)] == ["node_0", "node_1"]  # system/node_1/cpu_...
+
+
+def test_progress_events_leave_in_order_without_holding_up_the_loop() -> None:
+    # A Ray queue's put waits for the queue actor's answer: here, until the gate opens.
+    gate, received = threading.Event(), []
+
+    def put(event: dict) -> None:
+        assert gate.wait(30)
+        received.append(event["step"])
+
+    with sent_in_background(put) as emit:
+        assert emit is not None
+        for step in range(5):
+            emit({"event": "batch", "step": step})
+        assert received == []  # all five handed over while the first put still waits: the loop went on
+        gate.set()
+    assert received == [0, 1, 2, 3, 4]  # and all of them put, in order, once the block ends
+
+    def broken(event: dict) -> None:
+        raise RuntimeError("the queue actor is gone")
+
+    with pytest.raises(RuntimeError, match="the queue actor is gone"), sent_in_background(broken) as emit:
+        assert emit is not None
+        emit({"event": "epoch"})
