@@ -107,9 +107,9 @@ class Streamed:
 
     def _train_chunks(self, epoch: int, rows: int) -> Iterator[Pair]:
         """The epoch's chunks. Ray Data starts reading an epoch only when it is asked for it, and its first chunk
-        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so each chunk is fetched before the one before
-        it is trained on, and once the epoch's last chunk is in, the next epoch is asked for in a thread, while
-        this one's last steps, the evaluation and the checkpoint run."""
+        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so a chunk trains only once the one after it is in,
+        and as soon as the epoch's last chunk is in, the next epoch is asked for in a thread, while this one's
+        last chunk trains and the evaluation and the checkpoint run."""
         ahead = self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"], rows)
         chunks = ahead.chunks()
         chunk = next(chunks, None)
