@@ -78,7 +78,7 @@ def test_streaming_without_a_cpu_for_ray_data_is_refused_before_any_run(ray_loca
 
 @pytest.mark.ray  # Ray Data, in this process
 def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_part_batch(ray_local, data_root: Path) -> None:
-    from pipeline.batches import Streamed
+    from pipeline.batches import SHUFFLE_ROWS, Streamed
     from pipeline.checkpoints import LocalSession
 
     overrides = [f"data.root={data_root}", "data.download=false", "data.batch_size=64", "train.epochs=2"]
@@ -98,8 +98,8 @@ def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_pa
         seen = {row.tobytes() for bx, _ in epochs[epoch] for row in bx}
         assert seen <= {row.tobytes() for row in x.reshape(len(x), -1)} and len(seen) == steps * 64  # no row twice
         # Epoch 2 was asked for as soon as epoch 1's last chunk was in, before that chunk's batches trained (its
-        # 8,192 rows at most: 128 batches); after the last epoch, nothing is.
-        last_chunk = len(y) % 8192 or 8192
+        # SHUFFLE_ROWS at most, whole batches of 64); after the last epoch, nothing is.
+        last_chunk = len(y) % SHUFFLE_ROWS or SHUFFLE_ROWS
         assert read_ahead_at == ([False] * (steps - last_chunk // 64) + [True] * (last_chunk // 64) if epoch == 1 else [False] * steps)
         assert list(streamed._ahead) == ([2] if epoch == 1 else [])
     first, second = (np.concatenate([by for _, by in epochs[e]]) for e in (1, 2))
