@@ -26,7 +26,6 @@ from pipeline.data.store import DatasetSpec, SplitRows, batch_indices, has_valid
 __all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names", "target_for"]
 
 EVAL_BATCH = 1024  # evaluation has no gradients to keep: larger batches, fewer steps
-SHUFFLE_ROWS = 8192  # rows a streaming worker shuffles among at once (Ray's local shuffle buffer used 4,096)
 
 
 @dataclass
@@ -78,10 +77,14 @@ class Streamed:
     """The streaming path: this worker's Ray Data shard of each split, read while the epoch runs.
 
     Ray Train splits each dataset equally across the workers, so every rank gets as many rows, hence
-    as many whole batches, as DDP needs. The shard arrives in chunks of SHUFFLE_ROWS (as numpy arrays,
-    prefetched by Ray Data's threads while the step runs); each chunk goes to the device in one copy and
-    is cut into batches by a seeded permutation, as the in-memory path cuts its tensor: Ray's own
-    per-row local shuffle and collation cost more than the MLP's whole step (docs/BENCHMARKS.md)."""
+    as many whole batches, as DDP needs. The shard arrives as the blocks Ray Data read, one row group of the
+    store's file each (data/store.py's ROW_GROUP_BYTES; numpy arrays, prefetched by Ray Data's threads while
+    the step runs). Each block goes to the device in one copy and is cut into batches by a seeded
+    permutation, as the in-memory path cuts its tensor; the rows a block leaves over wait for those of the
+    next, so only the shard's last part batch is dropped. Blocks as they come, not re-batched by Ray Data
+    to a fixed size: that copied every row once more in Ray Data's threads, beside the step (1.1x the MLP's
+    samples/s without it); Ray's own per-row local shuffle and collation cost more than the MLP's whole step
+    (docs/BENCHMARKS.md)."""
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session, shards: dict[str, Any] | None = None) -> None:
         """`shards`: each split's Ray Data iterator; by default this Ray Train worker's shards."""
@@ -91,54 +94,62 @@ class Streamed:
 
             shards = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
         self.splits = shards
-        self._ahead: dict[int, ReadAhead] = {}  # epoch -> its training chunks, asked for before it began
+        self._ahead: dict[int, ReadAhead] = {}  # epoch -> its training blocks, asked for before it began
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
         size = self.cfg.data.batch_size
         steps = train_rows(self.spec, self.cfg.data) // self.session.world_size // size  # for the progress display
-        # Whole batches per chunk, so that only the shard's last chunk leaves an incomplete batch to drop.
-        chunk = max(SHUFFLE_ROWS // size, 1) * size
         generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        return steps, self._shuffled(self._train_chunks(epoch, chunk), size, generator)
+        return steps, self._shuffled(self._train_blocks(epoch), size, generator)
 
     def eval_batches(self, split: str) -> Iterator[Pair]:
         rows = max(self.cfg.data.batch_size, EVAL_BATCH)
-        return (self._on_device(chunk) for chunk in self.splits[split].iter_batches(**_chunking(rows)))
+        chunks = self.splits[split].iter_batches(batch_size=rows, batch_format="numpy", prefetch_batches=2)
+        return (self._on_device(chunk) for chunk in chunks)
 
-    def _train_chunks(self, epoch: int, rows: int) -> Iterator[Pair]:
-        """The epoch's chunks. Ray Data starts reading an epoch only when it is asked for it, and its first chunk
-        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so a chunk trains only once the one after it is in,
-        and as soon as the epoch's last chunk is in, the next epoch is asked for in a thread, while this one's
-        last chunk trains and the evaluation and the checkpoint run."""
-        ahead = self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"], rows)
-        chunks = ahead.chunks()
-        chunk = next(chunks, None)
-        while chunk is not None:
-            following = next(chunks, None)
+    def _train_blocks(self, epoch: int) -> Iterator[Pair]:
+        """The epoch's blocks. Ray Data starts reading an epoch only when it is asked for it, and its first block
+        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so a block trains only once the one after it is in,
+        and as soon as the epoch's last block is in, the next epoch is asked for in a thread, while this one's
+        last block trains and the evaluation and the checkpoint run."""
+        ahead = self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"])
+        blocks = ahead.blocks()
+        block = next(blocks, None)
+        while block is not None:
+            following = next(blocks, None)
             if following is None and epoch < self.cfg.train.epochs:
-                self._ahead[epoch + 1] = ReadAhead(self.splits["train"], rows, started=True)
-            yield self._on_device(chunk)
-            chunk = following
+                self._ahead[epoch + 1] = ReadAhead(self.splits["train"], started=True)
+            yield self._on_device(block)
+            block = following
 
     def _on_device(self, chunk: dict[str, np.ndarray]) -> Pair:
         x = _tensor(chunk["x"]).to(self.session.device).view(-1, *self.spec.input_shape)
         return x, target_for(_tensor(chunk["y"]), self.cfg.loss).to(self.session.device)
 
-    def _shuffled(self, chunks: Iterator[Pair], size: int, generator: torch.Generator) -> Iterator[Pair]:
-        for x, y in chunks:
+    def _shuffled(self, blocks: Iterator[Pair], size: int, generator: torch.Generator) -> Iterator[Pair]:
+        """Each block's rows in batches of `size`, in a seeded random order; the rows left over (fewer than a
+        batch) are kept, and batched once the blocks after it have left over a batch's worth."""
+        spare: list[Pair] = []
+        for x, y in blocks:
+            order = torch.randperm(len(y), generator=generator).to(x.device)
             whole = len(y) // size * size
-            order = torch.randperm(len(y), generator=generator)[:whole].to(x.device)
-            for idx in order.view(-1, size):
+            for idx in order[:whole].view(-1, size):
                 yield x[idx], y[idx]
+            spare.append((x[order[whole:]], y[order[whole:]]))
+            if sum(len(spare_y) for _, spare_y in spare) >= size:  # fewer than two batches: each part has fewer than one
+                spare_x, spare_y = torch.cat([part for part, _ in spare]), torch.cat([part for _, part in spare])
+                yield spare_x[:size], spare_y[:size]
+                spare = [(spare_x[size:], spare_y[size:])]
 
 
 class ReadAhead:
-    """One epoch of a Ray Data shard in chunks; `started`: its first chunk asked for at once, in a daemon thread
-    (a run that ends before the epoch leaves it behind instead of waiting for it)."""
+    """One epoch of a Ray Data shard, block by block; `started`: its first block asked for at once, in a daemon
+    thread (a run that ends before the epoch leaves it behind instead of waiting for it)."""
 
-    def __init__(self, shard: Any, rows: int, *, started: bool = False) -> None:
-        self._chunks: Iterator[dict[str, np.ndarray]] = iter(shard.iter_batches(**_chunking(rows)))
-        self._first: list[dict[str, np.ndarray]] = []  # the first chunk, once fetched (none: an empty shard)
+    def __init__(self, shard: Any, *, started: bool = False) -> None:
+        whole_blocks = {"batch_size": None, "batch_format": "numpy", "prefetch_batches": 2}
+        self._blocks: Iterator[dict[str, np.ndarray]] = iter(shard.iter_batches(**whole_blocks))
+        self._first: list[dict[str, np.ndarray]] = []  # the first block, once fetched (none: an empty shard)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._fetch_first, name="pipeline-read-ahead", daemon=True) if started else None
         if self._thread:
@@ -146,21 +157,17 @@ class ReadAhead:
 
     def _fetch_first(self) -> None:
         try:
-            self._first.extend(itertools.islice(self._chunks, 1))
+            self._first.extend(itertools.islice(self._blocks, 1))
         except BaseException as err:  # handed to the epoch that reads it, in the loop's thread
             self._error = err
 
-    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
+    def blocks(self) -> Iterator[dict[str, np.ndarray]]:
         if self._thread:
             self._thread.join()
             if self._error:
                 raise self._error
         yield from self._first
-        yield from self._chunks
-
-
-def _chunking(rows: int) -> dict[str, Any]:
-    return {"batch_size": rows, "batch_format": "numpy", "prefetch_batches": 2}
+        yield from self._blocks
 
 
 def split_names(cfg: ExperimentConfig, spec: DatasetSpec) -> list[str]:

@@ -12,6 +12,7 @@ from pipeline.checks import check_training
 from pipeline.config import ConfigError, load_config
 from pipeline.data.store import decoded_mb, load_split_rows, materialize, streaming_datasets
 from pipeline.execution import IN_MEMORY_GROWTH, MEMORY_SHARE, runs_in_process, stream_threshold_mb, streams
+from pipeline.standin import write_mnist_like
 from pipeline.train import run_training
 from tests.helpers import CONF_DIR, tiny
 
@@ -77,33 +78,48 @@ def test_streaming_without_a_cpu_for_ray_data_is_refused_before_any_run(ray_loca
 
 
 @pytest.mark.ray  # Ray Data, in this process
-def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_part_batch(ray_local, data_root: Path) -> None:
-    from pipeline.batches import SHUFFLE_ROWS, Streamed
+def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_part_batch(
+    ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.batches import Streamed
     from pipeline.checkpoints import LocalSession
+    from pipeline.data import store
 
+    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 1024 * 28 * 28)  # row groups of 1,024 images: 3 blocks an epoch, and a part
+    data_root = write_mnist_like(tmp_path, n_train=3300, seed=3).parents[1]
     overrides = [f"data.root={data_root}", "data.download=false", "data.batch_size=64", "train.epochs=2"]
     cfg = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
     spec = materialize(cfg.data, cfg.seed)
     session = LocalSession(data_root / "unused", keep=1, metric=None, mode="min", device=torch.device("cpu"))
     streamed = Streamed(cfg, spec, session, shards=streaming_datasets(spec, cfg.data, cfg.seed))
     x, y = load_split_rows(spec, cfg.data, cfg.seed)["train"].arrays()
+    on_device, blocks = streamed._on_device, list[int]()  # the rows of each block, in the order they went to the device
+
+    def counted(block: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks.append(len(block["y"]))
+        return on_device(block)
+
+    monkeypatch.setattr(streamed, "_on_device", counted)
     epochs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for epoch in (1, 2):
         steps, batches = streamed.train_batches(epoch)
-        epochs[epoch], read_ahead_at = [], []
+        epochs[epoch], read_ahead_at, blocks_in = [], [], []
         for bx, by in batches:
             epochs[epoch].append((bx.numpy().reshape(len(bx), -1), by.numpy()))
             read_ahead_at.append(epoch + 1 in streamed._ahead)
+            blocks_in.append(len(blocks))
         assert len(epochs[epoch]) == steps == len(y) // 64 and all(len(by) == 64 for _, by in epochs[epoch])
         seen = {row.tobytes() for bx, _ in epochs[epoch] for row in bx}
         assert seen <= {row.tobytes() for row in x.reshape(len(x), -1)} and len(seen) == steps * 64  # no row twice
-        # Epoch 2 was asked for as soon as epoch 1's last chunk was in, before that chunk's batches trained (its
-        # SHUFFLE_ROWS at most, whole batches of 64); after the last epoch, nothing is.
-        last_chunk = len(y) % SHUFFLE_ROWS or SHUFFLE_ROWS
-        assert read_ahead_at == ([False] * (steps - last_chunk // 64) + [True] * (last_chunk // 64) if epoch == 1 else [False] * steps)
+        assert len(blocks) > 2 and sum(blocks) == len(y), "the epoch came in several blocks of Ray Data's"
+        # Epoch 2 was asked for as soon as epoch 1's last block was in, before that block's batches trained;
+        # after the last epoch, nothing is.
+        last_block_trains = [count == len(blocks) for count in blocks_in]
+        assert read_ahead_at == (last_block_trains if epoch == 1 else [False] * steps) and any(last_block_trains)
         assert list(streamed._ahead) == ([2] if epoch == 1 else [])
+        blocks.clear()
     first, second = (np.concatenate([by for _, by in epochs[e]]) for e in (1, 2))
     assert not np.array_equal(first, second), "each epoch is shuffled anew"
-    assert not np.array_equal(first[:1000], np.sort(first[:1000])), "rows within a chunk are shuffled"
+    assert not np.array_equal(first[:1000], np.sort(first[:1000])), "rows within a block are shuffled"
     val = list(streamed.eval_batches("train"))
     assert sum(len(by) for _, by in val) == len(y) and val[0][0].shape[1:] == spec.input_shape

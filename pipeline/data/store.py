@@ -315,17 +315,18 @@ def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
     that `load_split_rows` would pick (the same seeded permutation, matched on the `row` column). The test
     split is not among them: it is evaluated on the driver, on the checkpoint the run chose.
 
-    Each row group of the training file is read by a task of its own, in a new random order each epoch
-    (a shuffle of the group numbers only); rows are shuffled within a buffer on the worker (batches.Streamed).
-    Not `randomize_block_order()`: it waits for every block to be read before it hands out the first, so
-    the epoch's reading and training would not overlap and the whole split would sit in the object store."""
+    Each row group of the training file is read by a task of its own into a block of its own, in a new random
+    order each epoch; rows are shuffled within each block on the worker (batches.Streamed). The order is the
+    group numbers' blocks' (`randomize_block_order()` before the read, so only those tiny blocks wait for each
+    other; after it, every group would be read before the first was handed out). Not `random_shuffle()` of the
+    numbers: it deals them to blocks at random, so one task read two or three groups into one block."""
     import ray.data
 
     path = str(Path(spec.directory) / "train.parquet")
     held_out = np.sort(_carve(spec.rows["train"], cfg.val_fraction, seed)[1])
     groups = pq.ParquetFile(path).metadata.num_row_groups
     numbers = ray.data.range(groups, override_num_blocks=groups)
-    datasets = {"train": numbers.random_shuffle().map_batches(_group_reader(path, held_out, keep=False), batch_size=1)}
+    datasets = {"train": numbers.randomize_block_order().map_batches(_group_reader(path, held_out, keep=False), batch_size=1)}
     if len(held_out):
         datasets["val"] = numbers.map_batches(_group_reader(path, held_out, keep=True), batch_size=1)
     if cfg.limit:
