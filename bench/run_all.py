@@ -5,7 +5,7 @@
 Prints the machine, then the throughput (with train.compile), fixed-cost, scale (1x and 4x; `bench.scale`
 alone adds 16x), Tune and memory tables, and at the end every ratio they measured, one line each, and what
 each benchmark took; writes the same text to bench/results/latest.md, ready for docs/BENCHMARKS.md. Each runs
-trimmed to what its ratios need (one repeat, fewer contenders); alone, each measures more. Run it on an
+trimmed to what its ratios need (one repeat, three for the fixed costs, fewer contenders); alone, each measures more. Run it on an
 otherwise idle machine: the ratios compare contenders measured in the same run, but absolute numbers move
 with the load.
 """
@@ -36,7 +36,7 @@ def main() -> None:
     # Trimmed to what the ratios need, to stay within about 10 minutes; each module alone measures more.
     sections = [header, run("throughput", throughput.main, ["--repeats", "1", "--ratios-only"])]
     ray.shutdown()  # the later benchmarks start their own Ray, each in its own interpreter: an idle one must not sit beside them
-    sections.append(run("fixed costs", fixed_costs.main, ["--repeat", "1", "--ratio-only"]))
+    sections.append(run("fixed costs", fixed_costs.main, ["--repeat", "3", "--ratio-only"]))  # one round moved by 0.15x
     sections.append(run("scale", scale.main, ["--factors", "1", "4"]))
     sections.append(run("Tune", tune_overhead.main, ["--worker-trials", "2"]))
     sections.append(run("memory", memory.main, ["--quick"]))
