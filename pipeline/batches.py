@@ -82,9 +82,9 @@ class Streamed:
     the step runs). Each block goes to the device in one copy and is cut into batches by a seeded
     permutation, as the in-memory path cuts its tensor; the rows a block leaves over wait for those of the
     next, so only the shard's last part batch is dropped. Blocks as they come, not re-batched by Ray Data
-    to a fixed size: that copied every row once more in Ray Data's threads, beside the step (1.1x the MLP's
-    samples/s without it); Ray's own per-row local shuffle and collation cost more than the MLP's whole step
-    (docs/BENCHMARKS.md)."""
+    to a fixed size: that copied every row once more in Ray Data's threads, beside the step (1.04x the MLP's
+    streamed samples/s without it, alternated rounds); Ray's own per-row local shuffle and collation cost more
+    than the MLP's whole step (docs/BENCHMARKS.md)."""
 
     def __init__(self, cfg: ExperimentConfig, spec: DatasetSpec, session: Session, shards: dict[str, Any] | None = None) -> None:
         """`shards`: each split's Ray Data iterator; by default this Ray Train worker's shards."""
@@ -128,7 +128,7 @@ class Streamed:
 
     def _shuffled(self, blocks: Iterator[Pair], size: int, generator: torch.Generator) -> Iterator[Pair]:
         """Each block's rows in batches of `size`, in a seeded random order; the rows left over (fewer than a
-        batch) are kept, and batched once the blocks after it have left over a batch's worth."""
+        batch) are kept, and batched once later blocks have left over a batch's worth with them."""
         spare: list[Pair] = []
         for x, y in blocks:
             order = torch.randperm(len(y), generator=generator).to(x.device)
