@@ -316,10 +316,11 @@ def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
     split is not among them: it is evaluated on the driver, on the checkpoint the run chose.
 
     Each row group of the training file is read by a task of its own into a block of its own, in a new random
-    order each epoch; rows are shuffled within each block on the worker (batches.Streamed). The order is the
-    group numbers' blocks' (`randomize_block_order()` before the read, so only those tiny blocks wait for each
-    other; after it, every group would be read before the first was handed out). Not `random_shuffle()` of the
-    numbers: it deals them to blocks at random, so one task read two or three groups into one block."""
+    order each epoch; rows are shuffled within each block on the worker (batches.Streamed). The order comes from
+    `randomize_block_order()` on the group numbers, one number per block, before the read: only those tiny blocks
+    wait for each other (after the read, every group would be read before the first was handed out). Not
+    `random_shuffle()` of the numbers: it deals them to blocks at random, so one task read two or three groups
+    into one block."""
     import ray.data
 
     path = str(Path(spec.directory) / "train.parquet")
