@@ -87,27 +87,53 @@ def ensure_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
     address = os.environ.get("RAY_ADDRESS")
     # SIGTERM's default would kill this process before it hands its MLflow runs back; Ray's handler,
     # set in ray.init, exits without that, so ours is set again right after.
-    ray.init(
-        # "local": a Ray of our own, never one that happens to run on this machine (ray.init's default
-        # joins the newest local cluster, which may lack what this run needs, such as the dashboard).
-        address=address or "local",
-        include_dashboard=None if address else dashboard,
-        log_to_driver=verbose,
-        configure_logging=verbose,
-    )
+    with contextlib.nullcontext() if address else _local_ray_in_its_own_process_group():
+        ray.init(
+            # "local": a Ray of our own, never one that happens to run on this machine (ray.init's default
+            # joins the newest local cluster, which may lack what this run needs, such as the dashboard).
+            address=address or "local",
+            include_dashboard=None if address else dashboard,
+            log_to_driver=verbose,
+            configure_logging=verbose,
+        )
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         install_signal_handlers()
+
+
+@contextmanager
+def _local_ray_in_its_own_process_group() -> Iterator[None]:
+    """Start a local Ray's processes (GCS, raylet, and through the raylet its workers) outside this process's
+    process group, so that a signal to the group (systemd, `kill -- -PGID`) reaches this process alone and it
+    ends them itself (exit_now). In the group, SIGTERM also ended the raylet, and Ray's core then ended this
+    process with exit code 1 about 0.1 s later, at times before its cleanup had run (seen in CI).
+    Ctrl-C is not changed: Ray's processes block SIGINT already. They still die with this process, by the
+    kernel's parent-death signal Ray sets for them. Ray has no option for this; on Windows it does the same
+    (CREATE_NEW_PROCESS_GROUP) where the kernel ties children to their parent, and so do we, on Linux."""
+    from ray._private import services, utils
+
+    popen = services.ConsolePopen
+    if not (sys.platform.startswith("linux") and utils.detect_fate_sharing_support()):
+        yield  # without the parent-death signal, Ray's reaper finds its processes by this process group
+        return
+
+    class OwnGroupPopen(popen):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, process_group=0, **kwargs)
+
+    services.ConsolePopen = OwnGroupPopen  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen  # type: ignore[misc]
 
 
 def exit_now(code: int) -> NoReturn:
     """End this process's own processes (a local Ray's raylet, GCS and workers) and exit at once, with `code`.
 
-    Not ray.shutdown(), in two cases. After Ctrl-C or SIGTERM to the whole process group (a terminal, systemd,
-    `kill -- -PGID`), Ray's processes are going down already, and Ray's core ends a driver whose object store has
-    gone with exit code 1, about 0.1 s later; a shutdown would also wait ~8 s on them (measured). And while Ray
-    calls go on in other threads (Train's or Tune's fit left on an error or Ctrl-C, Tune's own threads), the next
-    one after a shutdown makes Ray's core end the process with exit code 1, and an interpreter exit around it can
-    crash (SIGSEGV; both seen in CI). On a cluster, the driver's exit ends its job: Ray removes its actors and
+    Not ray.shutdown(), for two reasons. It waits on Ray's processes (~8 s measured, where a run stopped by
+    Ctrl-C or SIGTERM must end at once). And while Ray calls go on in other threads (Train's or Tune's fit left
+    on an error or Ctrl-C, Tune's own threads), the next one after a shutdown makes Ray's core end the process
+    with exit code 1, and an interpreter exit around it can crash (SIGSEGV; both seen in CI). On a cluster, the driver's exit ends its job: Ray removes its actors and
     placement groups. What must outlive the process (MLflow's run status, checkpoints) is written before."""
     import psutil
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from tests.helpers import (
@@ -333,6 +334,26 @@ def _group_ends(group: int, timeout_s: float = 20) -> list[str]:
     return alive
 
 
+def _descendants(pid: int) -> list[psutil.Process]:
+    """The processes a run started (a local Ray's GCS, raylet, agents and workers), in whatever process group."""
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _runs(process: psutil.Process) -> bool:
+    """Whether `process` still runs: not ended, not a zombie, and its PID not reused (psutil checks)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _outliving(processes: list[psutil.Process], timeout_s: float = 20) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while (alive := [process for process in processes if _runs(process)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [f"{process.pid} {process.name()}" for process in alive]
+
+
 def _terminal_job() -> None:
     """In the child, before exec: its own session (its process group gets the signal) and SIGINT at its default,
     as a command typed in a terminal has it; a shell script's background job (a CI runner may be one) inherits
@@ -357,13 +378,16 @@ def test_an_interrupted_ray_training_exits_at_once_killed_and_resumes_with_the_s
     run = start_cli(*args, "--output", "json", preexec_fn=_terminal_job)
     folder = wait_for_run_dir(tmp_path, f"stopped_{how}", run)
     wait_for_files(folder, "checkpoint_epoch=0002", run, timeout_s=240)
+    ray_processes = _descendants(run.pid)
+    assert any(process.name() == "raylet" for process in ray_processes)
     sent = time.monotonic()
     (os.killpg if to_group else os.kill)(run.pid, signum)
     _, err = run.communicate(timeout=60)
     assert run.returncode == code, err[-3000:]
     assert time.monotonic() - sent < 15
     assert "run the same command again to resume" in err and "Traceback" not in err and "SIGTERM received" not in err
-    assert _group_ends(run.pid) == [], "a Ray process outlived the run"
+    assert _outliving(ray_processes) == [], "a Ray process outlived the run"
+    assert _group_ends(run.pid) == [], "a process of the run's group outlived it"
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     (killed,) = runs_of(client, f"stopped_{how}")
     assert killed.info.status == "KILLED"
