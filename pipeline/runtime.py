@@ -111,8 +111,8 @@ def _local_ray_in_its_own_process_group() -> Iterator[None]:
     (CREATE_NEW_PROCESS_GROUP) where the kernel ties children to their parent, and so do we, on Linux."""
     from ray._private import services, utils
 
-    popen = services.ConsolePopen
-    if not (sys.platform.startswith("linux") and utils.detect_fate_sharing_support()):
+    popen = getattr(services, "ConsolePopen", None)  # a private name: another Ray may lack it, and then runs as before
+    if popen is None or not (sys.platform.startswith("linux") and utils.detect_fate_sharing_support()):
         yield  # without the parent-death signal, Ray's reaper finds its processes by this process group
         return
 
@@ -133,8 +133,9 @@ def exit_now(code: int) -> NoReturn:
     Not ray.shutdown(), for two reasons. It waits on Ray's processes (~8 s measured, where a run stopped by
     Ctrl-C or SIGTERM must end at once). And while Ray calls go on in other threads (Train's or Tune's fit left
     on an error or Ctrl-C, Tune's own threads), the next one after a shutdown makes Ray's core end the process
-    with exit code 1, and an interpreter exit around it can crash (SIGSEGV; both seen in CI). On a cluster, the driver's exit ends its job: Ray removes its actors and
-    placement groups. What must outlive the process (MLflow's run status, checkpoints) is written before."""
+    with exit code 1, and an interpreter exit around it can crash (SIGSEGV; both seen in CI). On a cluster, the
+    driver's exit ends its job: Ray removes its actors and placement groups. What must outlive the process
+    (MLflow's run status, checkpoints) is written before."""
     import psutil
 
     children = psutil.Process().children(recursive=True)

@@ -379,7 +379,8 @@ def test_an_interrupted_ray_training_exits_at_once_killed_and_resumes_with_the_s
     folder = wait_for_run_dir(tmp_path, f"stopped_{how}", run)
     wait_for_files(folder, "checkpoint_epoch=0002", run, timeout_s=240)
     ray_processes = _descendants(run.pid)
-    assert any(process.name() == "raylet" for process in ray_processes)
+    (raylet,) = [process for process in ray_processes if process.name() == "raylet"]
+    assert os.getpgid(raylet.pid) != run.pid, "a local Ray's processes run outside the command's process group"
     sent = time.monotonic()
     (os.killpg if to_group else os.kill)(run.pid, signum)
     _, err = run.communicate(timeout=60)
@@ -412,11 +413,12 @@ def test_ctrl_c_stops_a_search_registering_nothing_and_the_same_command_finishes
     search = start_cli(*args, "--output", "json", preexec_fn=_terminal_job)
     trials = wait_for_run_dir(tmp_path, "stopped_search", search, search=True) / "trials"
     wait_for_files(trials, "*/*/checkpoint_epoch=0002", search, timeout_s=240)
+    ray_processes = _descendants(search.pid)
     os.killpg(search.pid, signal.SIGINT)
     _, err = search.communicate(timeout=60)
     assert search.returncode == 130, err[-3000:]
     assert "run the same command again to continue the search" in err and "Traceback" not in err
-    assert _group_ends(search.pid) == []
+    assert _outliving(ray_processes) == [] and _group_ends(search.pid) == []
     client = mlflow_client(os.environ["MLFLOW_TRACKING_URI"])
     assert {r.info.status for r in runs_of(client, "stopped_search")} == {"KILLED"}, "the search and its started trials"
     assert client.search_registered_models("name = 'stopped_search'") == [], "nothing half-trained is registered"
