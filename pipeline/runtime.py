@@ -103,12 +103,14 @@ def ensure_ray(verbose: bool = False, *, dashboard: bool = False) -> None:
 @contextmanager
 def _local_ray_in_its_own_process_group() -> Iterator[None]:
     """Start a local Ray's processes (GCS, raylet, and through the raylet its workers) outside this process's
-    process group, so that a signal to the group (systemd, `kill -- -PGID`) reaches this process alone and it
-    ends them itself (exit_now). In the group, SIGTERM also ended the raylet, and Ray's core then ended this
-    process with exit code 1 about 0.1 s later, at times before its cleanup had run (seen in CI).
-    Ctrl-C is not changed: Ray's processes block SIGINT already. They still die with this process, by the
-    kernel's parent-death signal Ray sets for them. Ray has no option for this; on Windows it does the same
-    (CREATE_NEW_PROCESS_GROUP) where the kernel ties children to their parent, and so do we, on Linux."""
+    process group, so that a signal to the group (`kill -- -PGID`, GNU `timeout`) reaches this process alone
+    and it ends them itself (exit_now). In the group, SIGTERM also ended the raylet, and Ray's core then ended
+    this process with exit code 1 about 0.1 s later, at times before its cleanup had run (seen in CI). systemd
+    signals every process of its unit's cgroup, Ray's too, as before; Ctrl-C is not changed (Ray's processes
+    block SIGINT). Killed (SIGKILL), this process takes the GCS and raylet with it at once, by the kernel's
+    parent-death signal Ray sets for them; the raylet's two agents end within about 100 s, when their own
+    check finds the raylet gone, as when this process alone is killed. Ray has no option for this; on Windows
+    it does the same (CREATE_NEW_PROCESS_GROUP) where the kernel ties children to their parent."""
     from ray._private import services, utils
 
     popen = getattr(services, "ConsolePopen", None)  # a private name: another Ray may lack it, and then runs as before

@@ -363,7 +363,7 @@ def _terminal_job() -> None:
 
 
 # How the signal comes: Ctrl-C in a terminal (SIGINT to the foreground process group), SIGTERM from
-# Kubernetes, Docker or `timeout` (to the process), SIGTERM from systemd or `kill -- -PGID` (to the group).
+# Kubernetes or Docker (to the process), SIGTERM from GNU `timeout` or `kill -- -PGID` (to the group).
 INTERRUPTS = {"ctrl_c": (signal.SIGINT, True, 130), "sigterm": (signal.SIGTERM, False, 143), "sigterm_group": (signal.SIGTERM, True, 143)}
 
 
