@@ -5,9 +5,11 @@ docs/RELIABILITY.md lists each fault, what the pipeline does, and the test here 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -327,16 +329,26 @@ def _live_members(group: int) -> list[str]:
     return found
 
 
-def _group_ends(group: int, timeout_s: float = 20) -> list[str]:
+def _still_running_after(running: Callable[[], list[str]], timeout_s: float = 20) -> list[str]:
+    """What `running()` names once it names nothing or `timeout_s` has passed: the processes that outlived the run."""
     deadline = time.monotonic() + timeout_s
-    while (alive := _live_members(group)) and time.monotonic() < deadline:
+    while (alive := running()) and time.monotonic() < deadline:
         time.sleep(0.2)
     return alive
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
-    """The processes a run started (a local Ray's GCS, raylet, agents and workers), in whatever process group."""
-    return psutil.Process(pid).children(recursive=True)
+def _group_ends(group: int) -> list[str]:
+    return _still_running_after(lambda: _live_members(group))
+
+
+def _descendants(pid: int) -> dict[psutil.Process, str]:
+    """The processes a run started (a local Ray's GCS, raylet, agents and workers), in whatever process group,
+    each with its PID and name, taken while it runs (one that ends meanwhile, a short-lived task's, is left out)."""
+    found = {}
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found[child] = f"{child.pid} {child.name()}"
+    return found
 
 
 def _runs(process: psutil.Process) -> bool:
@@ -347,11 +359,8 @@ def _runs(process: psutil.Process) -> bool:
         return False
 
 
-def _outliving(processes: list[psutil.Process], timeout_s: float = 20) -> list[str]:
-    deadline = time.monotonic() + timeout_s
-    while (alive := [process for process in processes if _runs(process)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return [f"{process.pid} {process.name()}" for process in alive]
+def _outliving(processes: dict[psutil.Process, str]) -> list[str]:
+    return _still_running_after(lambda: [name for process, name in processes.items() if _runs(process)])
 
 
 def _terminal_job() -> None:
@@ -379,7 +388,7 @@ def test_an_interrupted_ray_training_exits_at_once_killed_and_resumes_with_the_s
     folder = wait_for_run_dir(tmp_path, f"stopped_{how}", run)
     wait_for_files(folder, "checkpoint_epoch=0002", run, timeout_s=240)
     ray_processes = _descendants(run.pid)
-    (raylet,) = [process for process in ray_processes if process.name() == "raylet"]
+    (raylet,) = [process for process, name in ray_processes.items() if name.endswith(" raylet")]
     assert os.getpgid(raylet.pid) != run.pid, "a local Ray's processes run outside the command's process group"
     sent = time.monotonic()
     (os.killpg if to_group else os.kill)(run.pid, signum)
