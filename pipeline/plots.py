@@ -1,16 +1,16 @@
 """The figures a person would rather look at than read, logged with each run (matplotlib, no display).
 
-learning_curves(history, "val_accuracy")        # losses and the metric per epoch
-confusion_matrix(targets, predicted, classes)   # classifiers
-decision_boundary(probability_of_1, x, y)       # 2-D classifiers
-prediction_vs_target(targets, predicted)        # regression
-metric_against(values, scores, "optim.lr", ...) # a search: the metric against one hyperparameter
-trial_curves({trial: [(epoch, value)]}, ...)    # a search: every trial's learning curve
+learning_curves(history, "val_accuracy")          # losses and the metric per epoch
+confusion_matrix(targets, predicted, classes)     # classifiers
+decision_boundary(grid_x, grid_y, surface, x, y)  # 2-D classifiers
+prediction_vs_target(targets, predicted)          # regression
+metric_against(values, scores, "optim.lr", ...)   # a search: the metric against one hyperparameter
+trial_curves({trial: [(epoch, value)]}, ...)      # a search: every trial's learning curve
+
+Runs draw them through pipeline/drawing.py, in a process of its own: their arguments are numbers and arrays.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import matplotlib
 
@@ -64,12 +64,8 @@ def confusion_matrix(targets: np.ndarray, predicted: np.ndarray, classes: tuple[
     return figure
 
 
-def decision_boundary(probability_of_1: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray) -> Figure:
-    """The model's probability of class 1 over the plane, with the samples on top."""
-    low, high = x.min(axis=0) - 0.25, x.max(axis=0) + 0.25
-    grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 200), np.linspace(low[1], high[1], 200))
-    points = np.column_stack([grid_x.ravel(), grid_y.ravel()]).astype(np.float32)
-    surface = probability_of_1(points).reshape(grid_x.shape)
+def decision_boundary(grid_x: np.ndarray, grid_y: np.ndarray, surface: np.ndarray, x: np.ndarray, y: np.ndarray) -> Figure:
+    """The model's probability of class 1 over the plane (`surface`, on the grid's points), with the samples on top."""
     figure, axes = plt.subplots(figsize=(5, 5), constrained_layout=True)
     filled = axes.contourf(grid_x, grid_y, surface, levels=np.linspace(0, 1, 21), cmap="RdBu_r", alpha=0.7)
     axes.contour(grid_x, grid_y, surface, levels=[0.5], colors="black", linewidths=1.5)

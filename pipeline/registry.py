@@ -17,7 +17,7 @@ import importlib.metadata
 import math
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -98,11 +98,15 @@ def register_best(
     tags: dict[str, str],
     about: str,
     made_by: str,
+    before_version: Callable[[], None] = lambda: None,
 ) -> Registration:
     """Log `checkpoint_dir` (epoch `epoch` of `run`) as the run's model, register it under `name`, alias it.
 
     `about` describes the registered model (set when it has no description yet); `made_by`, the run's own
-    description (the command line), goes into the version's description with its metric and decision."""
+    description (the command line), goes into the version's description with its metric and decision.
+    `before_version` runs once, after the model is logged and before anything is registered (or before the
+    version that holds this checkpoint already is returned): what must be in the run before its model is
+    registered and may still be in the making (the run's figures)."""
     from mlflow.exceptions import MlflowException
 
     if not math.isfinite(value):
@@ -110,8 +114,10 @@ def register_best(
     mlflow_client = client(run.uri)
     earlier = _registered(mlflow_client, name, run.run_id, epoch)
     if earlier is not None:
+        before_version()
         return earlier
     logged = _log_model(run, checkpoint_dir, example)
+    before_version()
     try:
         mlflow_client.create_registered_model(name, description=about)
     except MlflowException as err:

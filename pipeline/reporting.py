@@ -9,7 +9,7 @@ the test split's metric where the data set has one, else the validation metric (
 The plots are made from what MLflow recorded (every epoch, across resumes) and from the checkpoint's
 predictions on the test split (the validation split where there is none): learning curves always; a
 confusion matrix for classifiers; the decision boundary for 2-D classifiers; prediction against target
-for regression.
+for regression. They are drawn by a process of their own (pipeline/drawing.py) while this one goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 import yaml
 
-from pipeline import plots
+from pipeline import drawing
 from pipeline.batches import target_for
 from pipeline.checkpoints import load_state, local_checkpoint
 from pipeline.config import ExperimentConfig
@@ -30,7 +30,7 @@ from pipeline.loop import LOSSES, OneProcess, evaluate
 from pipeline.redaction import safe_config
 from pipeline.registry import Registration, register_best
 from pipeline.serving import EVAL_BATCH, Predictor, build_predictor
-from pipeline.tracking import NOTE, TrackedRun, client, log_figure, log_metrics, log_text, metric_history, set_tags
+from pipeline.tracking import NOTE, TrackedRun, client, log_metrics, log_png, log_text, metric_history, set_tags
 
 __all__ = ["evaluate_checkpoint", "registered_name", "registry_metric", "report_run"]
 
@@ -84,9 +84,15 @@ def report_run(
     with local_checkpoint(checkpoint) as folder:
         predictor = build_predictor(cfg, spec, load_state(folder)["model"])
         x, y = _plotted_split(cfg, spec)
+        figures = _ask_for_figures(run, cfg, spec, predictor, x, y)  # drawn meanwhile, by another process
+
+        def log_figures() -> None:
+            for artifact_file, figure in figures.items():
+                log_png(run, figure.png(), artifact_file)
+
         log_text(run, yaml.safe_dump(safe_config(cfg), sort_keys=False), "config.yaml")
-        _log_plots(run, cfg, spec, predictor, x, y)
         if not register:
+            log_figures()
             return None
         metric, split = registry_metric(cfg, spec)
         run_tags = client(run.uri).get_run(run.run_id).data.tags
@@ -97,6 +103,7 @@ def report_run(
             run, registered_name(cfg), folder, _input_example(spec, x[:EXAMPLE_ROWS]),
             metric=metric, split=split, mode=cfg.metric_mode, value=float(metrics[metric]), epoch=epoch,
             tags={k: v for k, v in run_tags.items() if k in LINEAGE_TAGS}, about=about, made_by=run_tags.get(NOTE, ""),
+            before_version=log_figures,  # drawn while the model was logged; a figure that failed registers nothing
         )  # fmt: skip
 
 
@@ -114,23 +121,28 @@ def _input_example(spec: DatasetSpec, x: np.ndarray) -> np.ndarray | pd.DataFram
     return pd.DataFrame(x, columns=list(spec.feature_names)).astype("float64")
 
 
-def _log_plots(run: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec, predictor: Predictor, x: np.ndarray, y: np.ndarray) -> None:
+def _ask_for_figures(
+    run: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec, predictor: Predictor, x: np.ndarray, y: np.ndarray
+) -> dict[str, drawing.QueuedFigure]:  # fmt: skip
+    """The run's figures by artifact file, queued for drawing (pipeline/plots.py says what each shows)."""
     history = metric_history(run, ["train_loss", "val_loss", cfg.metric])
-    log_figure(run, plots.learning_curves(history, cfg.metric), "plots/learning_curves.png")
+    figures = {"plots/learning_curves.png": drawing.draw("learning_curves", history, cfg.metric)}
     table = predictor.predict_table(x)
     if not cfg.is_classifier:
-        log_figure(run, plots.prediction_vs_target(y.reshape(-1), table["value"].to_numpy()), "plots/prediction_vs_target.png")
-        return
-    log_figure(run, plots.confusion_matrix(y, table["class_index"].to_numpy(), spec.classes), "plots/confusion_matrix.png")
+        figures["plots/prediction_vs_target.png"] = drawing.draw("prediction_vs_target", y.reshape(-1), table["value"].to_numpy())
+        return figures
+    figures["plots/confusion_matrix.png"] = drawing.draw("confusion_matrix", y, table["class_index"].to_numpy(), spec.classes)
     if spec.input_shape == (2,) and spec.num_classes == 2:
-        log_figure(run, plots.decision_boundary(_probability_of_1(predictor), x, y), "plots/decision_boundary.png")
+        figures["plots/decision_boundary.png"] = drawing.draw("decision_boundary", *_probability_of_1_over(x, predictor), x, y)
+    return figures
 
 
-def _probability_of_1(predictor: Predictor):
-    @torch.no_grad()
-    def probability(points: np.ndarray) -> np.ndarray:
-        out = predictor(torch.from_numpy(points)).float()
-        p1 = torch.sigmoid(out[:, 0]) if out.shape[1] == 1 else torch.softmax(out, dim=1)[:, 1]
-        return p1.numpy()
-
-    return probability
+@torch.no_grad()
+def _probability_of_1_over(x: np.ndarray, predictor: Predictor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's probability of class 1 on a 200 x 200 grid over the samples `x` (2-D) and a margin."""
+    low, high = x.min(axis=0) - 0.25, x.max(axis=0) + 0.25
+    grid_x, grid_y = np.meshgrid(np.linspace(low[0], high[0], 200), np.linspace(low[1], high[1], 200))
+    points = np.column_stack([grid_x.ravel(), grid_y.ravel()]).astype(np.float32)
+    out = predictor(torch.from_numpy(points)).float()
+    p1 = torch.sigmoid(out[:, 0]) if out.shape[1] == 1 else torch.softmax(out, dim=1)[:, 1]
+    return grid_x, grid_y, p1.numpy().reshape(grid_x.shape)

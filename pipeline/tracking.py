@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -33,7 +35,6 @@ from pipeline.sqlite_store import new_sqlite_store
 
 if TYPE_CHECKING:
     import pandas as pd
-    from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
     from pipeline.data.store import DatasetSpec
@@ -49,8 +50,8 @@ __all__ = [
     "end_running_children",
     "git_commit",
     "log_csv",
-    "log_figure",
     "log_metrics",
+    "log_png",
     "log_text",
     "metric_history",
     "open_run",
@@ -380,11 +381,13 @@ def metric_history(run: TrackedRun, keys: list[str]) -> dict[str, list[tuple[int
     return history
 
 
-def log_figure(run: TrackedRun, figure: Figure, artifact_file: str) -> None:
-    import matplotlib.pyplot as plt
-
-    client(run.uri).log_figure(run.run_id, figure, artifact_file)
-    plt.close(figure)
+def log_png(run: TrackedRun, png: Path, artifact_file: str) -> None:
+    """Log the file `png` (pipeline/drawing.py's: it is moved) as `artifact_file` (folder/name.png) of `run`."""
+    folder, _, name = artifact_file.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        named = Path(tmp) / name
+        shutil.move(png, named)
+        client(run.uri).log_artifact(run.run_id, str(named), folder or None)
 
 
 def log_text(run: TrackedRun, text: str, artifact_file: str) -> None:

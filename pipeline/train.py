@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipeline import drawing
 from pipeline.checks import check_training
 from pipeline.config import ConfigError, ExperimentConfig
 from pipeline.data.store import DatasetSpec
@@ -94,6 +95,8 @@ def _train(
         if on_event:
             on_event(event)
 
+    if store:
+        drawing.start()  # imports matplotlib on another core while this process trains: the figures are ready sooner
     tags = {"run_key": plan.key, NOTE: f"Made by `{invocation()}`", **execution.tags()}
     run = (
         open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags, parent_run_id=parent_run_id)

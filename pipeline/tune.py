@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 from ray.tune import ProgressReporter
 
+from pipeline import drawing
 from pipeline.checks import check_search, search_metric
 from pipeline.config import ExperimentConfig, with_values
 from pipeline.data.store import DatasetSpec
@@ -49,8 +50,8 @@ from pipeline.tracking import (
     end_run,
     end_running_children,
     log_csv,
-    log_figure,
     log_metrics,
+    log_png,
     log_text,
     open_run,
     resolve_store,
@@ -158,6 +159,7 @@ def run_search(
             "trial_runner": "in_process" if in_process else "workers", NOTE: f"Made by `{invocation()}`"}  # fmt: skip
     with held(plan):
         begin_run(plan, cfg)
+        drawing.start()  # ready with matplotlib imported when the search's figures are asked for
         parent = open_run(store, cfg, spec, run_dir=plan.folder, fresh=plan.state == "new", tags=tags)
         with recording(parent):
             result = _search(cfg, spec, plan, store, parent, dimensions, (metric, mode), concurrency, emit, verbose, execution)
@@ -387,8 +389,6 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
     """The parent run: the best config, a table of every trial, the search plots; child runs get their outcome."""
     import pandas as pd
 
-    from pipeline import plots
-
     statuses = {"finished": "FINISHED", "stopped early": "FINISHED", "failed": "FAILED"}
     children = child_runs(parent)
     for trial in result.trials:
@@ -414,17 +414,20 @@ def _report_search(parent: TrackedRun, cfg: ExperimentConfig, result: SearchResu
     log_metrics(parent, {f"best_{result.metric}": _score(result.best)})
     set_tags(parent, {"best_trial_id": result.best.trial_id, **{f"best.{k}": str(v) for k, v in result.best.params.items()}})
     scored = [t for t in result.trials if t.best is not None]
-    for dimension in dimensions:
-        figure = plots.metric_against(
-            [t.params[dimension.key] for t in scored], [_score(t) for t in scored], dimension.key, result.metric,
-            log_x=dimension.kind == "loguniform",
-        )  # fmt: skip
-        log_figure(parent, figure, f"plots/search_{dimension.key}.png")
+    figures = {
+        f"plots/search_{dimension.key}.png": drawing.draw(
+            "metric_against", [t.params[dimension.key] for t in scored], [_score(t) for t in scored], dimension.key,
+            result.metric, log_x=dimension.kind == "loguniform",
+        )
+        for dimension in dimensions
+    }  # fmt: skip
     curves = {t.trial_id: t.history for t in result.trials if t.history}
     exploits = (
         {t.trial_id: [(e["epoch"], e["copied_trial"]) for e in t.exploits] for t in result.trials} if cfg.tune.scheduler == "pbt" else None
     )
-    log_figure(parent, plots.trial_curves(curves, result.metric, result.best.trial_id, exploits), "plots/trial_curves.png")
+    figures["plots/trial_curves.png"] = drawing.draw("trial_curves", curves, result.metric, result.best.trial_id, exploits)
+    for artifact_file, figure in figures.items():
+        log_png(parent, figure.png(), artifact_file)
 
 
 def _register_best(parent: TrackedRun, cfg: ExperimentConfig, spec: DatasetSpec, best: Trial, search_folder: str) -> dict[str, Any] | None:
