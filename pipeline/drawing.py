@@ -1,7 +1,7 @@
 """The run's figures (pipeline/plots.py), drawn to PNG files by a process of its own.
 
-Importing matplotlib (about 0.35 s) and drawing a figure (about 0.15 s) took a tenth of a 1-epoch
-`pipeline train` on 2 cores, all of it while the user waits (docs/BENCHMARKS.md). The drawing process is
+Importing matplotlib (about 0.35 s) and drawing a figure (about 0.15 s) took 7 % of a 1-epoch
+`pipeline train` on 2 cores, all of it while the user waited (docs/BENCHMARKS.md). The drawing process is
 started when a tracked run starts: it imports matplotlib on another core while this process trains, then
 draws while this one goes on. This process never imports matplotlib.
 
