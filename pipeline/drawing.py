@@ -124,8 +124,6 @@ def _serve(requests: IO[bytes], answers: IO[bytes], folder: Path) -> None:
 
 
 def _draw_each(requests: IO[bytes], answers: IO[bytes]) -> None:
-    import matplotlib.pyplot as plt
-
     from pipeline import plots  # matplotlib: the import this process exists to take off the run's time
 
     while True:
@@ -134,9 +132,7 @@ def _draw_each(requests: IO[bytes], answers: IO[bytes]) -> None:
         except EOFError:
             return
         try:
-            figure = getattr(plots, plot)(*args, **kwargs)
-            figure.savefig(path)
-            plt.close(figure)
+            plots.save(getattr(plots, plot)(*args, **kwargs), path)
             answer = None
         except Exception as err:  # the run reports it, naming the figure
             answer = f"{type(err).__name__}: {err}"

@@ -6,6 +6,7 @@ decision_boundary(grid_x, grid_y, surface, x, y)  # 2-D classifiers
 prediction_vs_target(targets, predicted)          # regression
 metric_against(values, scores, "optim.lr", ...)   # a search: the metric against one hyperparameter
 trial_curves({trial: [(epoch, value)]}, ...)      # a search: every trial's learning curve
+save(figure, "plot.png")                          # written, and released by pyplot
 
 Runs draw them through pipeline/drawing.py, in a process of its own: their arguments are numbers and arrays.
 """
@@ -22,9 +23,15 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["confusion_matrix", "decision_boundary", "learning_curves", "metric_against", "prediction_vs_target", "trial_curves"]
+__all__ = ["confusion_matrix", "decision_boundary", "learning_curves", "metric_against", "prediction_vs_target", "save", "trial_curves"]
 
 History = dict[str, list[tuple[int, float]]]  # metric -> (epoch, value) pairs
+
+
+def save(figure: Figure, path: str) -> None:
+    """Write `figure` to `path` (PNG by its suffix) and let pyplot forget it, as a process drawing many must."""
+    figure.savefig(path)
+    plt.close(figure)
 
 
 def learning_curves(history: History, metric: str) -> Figure:
