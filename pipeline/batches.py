@@ -10,6 +10,7 @@ normalizes them there.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from pipeline.data.store import DatasetSpec, SplitRows, batch_indices, has_valid
 __all__ = ["Batches", "InMemory", "Pair", "Streamed", "split_names", "target_for"]
 
 EVAL_BATCH = 1024  # evaluation has no gradients to keep: larger batches, fewer steps
+READ_AHEAD_BLOCKS = 3  # streamed blocks taken ahead of the one training (row groups, 8 MiB each: data/store.py)
 
 
 @dataclass
@@ -109,18 +111,20 @@ class Streamed:
 
     def _train_blocks(self, epoch: int) -> Iterator[Pair]:
         """The epoch's blocks. Ray Data starts reading an epoch only when it is asked for it, and its first block
-        came 0.4 to 0.9 s later on 2 cores (docs/BENCHMARKS.md): so a block trains only once the one after it is in,
-        and as soon as the epoch's last block is in, the next epoch is asked for in a thread, while this one's
-        last block trains and the evaluation and the checkpoint run."""
-        ahead = self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"])
-        blocks = ahead.blocks()
-        block = next(blocks, None)
-        while block is not None:
-            following = next(blocks, None)
-            if following is None and epoch < self.cfg.train.epochs:
-                self._ahead[epoch + 1] = ReadAhead(self.splits["train"], started=True)
-            yield self._on_device(block)
-            block = following
+        came 0.4 to 0.9 s later on 2 cores. So the blocks are taken from Ray Data READ_AHEAD_BLOCKS ahead of the one
+        that trains, and as soon as the epoch's last block is in, the next epoch is asked for in a thread, while this
+        one's last blocks train and the evaluation and the checkpoint run. (One block ahead, the MNIST MLP's epochs
+        began with up to 0.33 s of waiting for their first two blocks, a block training in 0.3 s; three ahead, 5 ms at
+        most: docs/BENCHMARKS.md.)"""
+        blocks = (self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"])).blocks()
+        window = collections.deque(itertools.islice(blocks, READ_AHEAD_BLOCKS))
+        for following in blocks:
+            window.append(following)
+            yield self._on_device(window.popleft())
+        if epoch < self.cfg.train.epochs:
+            self._ahead[epoch + 1] = ReadAhead(self.splits["train"], started=True)
+        while window:
+            yield self._on_device(window.popleft())
 
     def _on_device(self, chunk: dict[str, np.ndarray]) -> Pair:
         x = _tensor(chunk["x"]).to(self.session.device).view(-1, *self.spec.input_shape)

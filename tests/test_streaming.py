@@ -81,11 +81,11 @@ def test_streaming_without_a_cpu_for_ray_data_is_refused_before_any_run(ray_loca
 def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_part_batch(
     ray_local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.batches import Streamed
+    from pipeline.batches import READ_AHEAD_BLOCKS, Streamed
     from pipeline.checkpoints import LocalSession
     from pipeline.data import store
 
-    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 1024 * 28 * 28)  # row groups of 1,024 images: 3 blocks an epoch, and a part
+    monkeypatch.setattr(store, "ROW_GROUP_BYTES", 512 * 28 * 28)  # row groups of 512 images: 6 blocks an epoch, and a part
     data_root = write_mnist_like(tmp_path, n_train=3300, seed=3).parents[1]
     overrides = [f"data.root={data_root}", "data.download=false", "data.batch_size=64", "train.epochs=2"]
     cfg = load_config(CONF_DIR / "mnist_mlp.yaml", overrides)
@@ -112,10 +112,11 @@ def test_a_streamed_epoch_is_whole_shuffled_batches_of_every_row_but_the_last_pa
         seen = {row.tobytes() for bx, _ in epochs[epoch] for row in bx}
         assert seen <= {row.tobytes() for row in x.reshape(len(x), -1)} and len(seen) == steps * 64  # no row twice
         assert len(blocks) > 2 and sum(blocks) == len(y), "the epoch came in several blocks of Ray Data's"
-        # Epoch 2 was asked for as soon as epoch 1's last block was in, before that block's batches trained;
-        # after the last epoch, nothing is.
-        last_block_trains = [count == len(blocks) for count in blocks_in]
-        assert read_ahead_at == (last_block_trains if epoch == 1 else [False] * steps) and any(last_block_trains)
+        # Epoch 2 was asked for as soon as epoch 1's last block was in, READ_AHEAD_BLOCKS blocks before the last
+        # trained; after the last epoch, nothing is.
+        last_blocks_train = [count > len(blocks) - READ_AHEAD_BLOCKS for count in blocks_in]
+        assert read_ahead_at == (last_blocks_train if epoch == 1 else [False] * steps)
+        assert any(last_blocks_train) and not all(last_blocks_train)
         assert list(streamed._ahead) == ([2] if epoch == 1 else [])
         blocks.clear()
     first, second = (np.concatenate([by for _, by in epochs[e]]) for e in (1, 2))
