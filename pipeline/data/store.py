@@ -38,6 +38,7 @@ __all__ = [
     "batch_indices",
     "decoded_mb",
     "file_sha256",
+    "group_reader",
     "has_validation",
     "load_split_rows",
     "load_splits",
@@ -327,15 +328,15 @@ def streaming_datasets(spec: DatasetSpec, cfg: DataConfig, seed: int) -> dict:
     held_out = np.sort(_carve(spec.rows["train"], cfg.val_fraction, seed)[1])
     groups = pq.ParquetFile(path).metadata.num_row_groups
     numbers = ray.data.range(groups, override_num_blocks=groups)
-    datasets = {"train": numbers.randomize_block_order().map_batches(_group_reader(path, held_out, keep=False), batch_size=1)}
+    datasets = {"train": numbers.randomize_block_order().map_batches(group_reader(path, held_out, keep=False), batch_size=1)}
     if len(held_out):
-        datasets["val"] = numbers.map_batches(_group_reader(path, held_out, keep=True), batch_size=1)
+        datasets["val"] = numbers.map_batches(group_reader(path, held_out, keep=True), batch_size=1)
     if cfg.limit:
         datasets = {name: dataset.limit(cfg.limit) for name, dataset in datasets.items()}
     return datasets
 
 
-def _group_reader(path: str, held_out: np.ndarray, keep: bool) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+def group_reader(path: str, held_out: np.ndarray, keep: bool) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     """A batch function: {"id": [row group]} -> that group's rows in `held_out` (sorted), or all the others,
     with `x` as one 2-D array (Ray's own Parquet reader hands a fixed-size-list column to numpy as an object
     array of one array per row, which every later step pays for: 4x slower end to end, measured)."""
