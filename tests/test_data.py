@@ -100,6 +100,29 @@ def test_mnist_like_idx_files_become_parquet_with_the_right_spec(
     assert pq.read_metadata(parquet / "train.parquet").num_rows == ROWS["train"]
 
 
+def test_a_copy_in_an_earlier_layout_is_rewritten_with_rows_as_binary_values(tmp_path: Path) -> None:
+    written = write_mnist_files(tmp_path / "MNIST" / "raw", seed=5)
+    cfg = DataConfig(name="mnist", root=str(tmp_path), download=False, val_fraction=0)
+    spec = materialize(cfg, seed=0)
+    train = Path(spec.directory) / "train.parquet"
+    field = pq.read_schema(train).field("x")
+    assert field.type == pa.binary(28 * 28) and field.metadata == {b"dtype": b"|u1"}
+    # Format 2, as an earlier version wrote it: the pixels as a list column.
+    old = pq.read_table(train)
+    pixels = np.frombuffer(old.column("x").combine_chunks().buffers()[1], dtype=np.uint8)
+    lists = pa.FixedSizeListArray.from_arrays(pa.array(pixels), 28 * 28)
+    pq.write_table(old.set_column(0, "x", lists), train)
+    manifest = Path(spec.directory) / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"format": 3', '"format": 2'))
+
+    rewritten = materialize(cfg, seed=0)
+    assert rewritten.format == 3 and pq.read_schema(train).field("x").type == pa.binary(28 * 28)
+    assert rewritten.data_hash == spec.data_hash  # the same rows, written the same way again
+    x, y = load_splits(rewritten, cfg, seed=0)["test"]
+    np.testing.assert_array_equal(x[:, 0], written["test"][0])
+    np.testing.assert_array_equal(y, written["test"][1])
+
+
 @pytest.mark.parametrize("compress", [False, True], ids=["idx", "idx.gz"])
 def test_mnist_pixels_and_labels_round_trip_exactly(tmp_path: Path, compress: bool) -> None:
     written = write_mnist_files(tmp_path / "MNIST" / "raw", compress=compress, seed=7)
