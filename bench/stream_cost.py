@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.stream_cost              # 3 rounds: about 4 minutes on 2 cores
     .venv/bin/python -m bench.stream_cost --rounds 1   # about 2 minutes
 
-On 2 cores the streamed MNIST MLP trains at 0.8x to 0.9x the in-memory path, and a streamed worker that
-trains from blocks it already holds trains as fast as in memory (docs/BENCHMARKS.md): the gap is what runs
+On 2 cores the streamed MNIST MLP has trained at 0.76x to 1.00x the in-memory path, while a streamed worker
+that trains from blocks it already holds trains as fast as in memory (docs/BENCHMARKS.md): the gap is what runs
 beside the training while an epoch is read. This separates its two parts: the reading of the bytes (Parquet
 decoding, the reader's copies) and Ray Data's own work around it (its executor, tasks and their scheduling).
 
