@@ -57,7 +57,7 @@ READ_BATCH_ROWS = 2048  # rows per Parquet read: bounds Arrow's scratch memory
 ROW_GROUP_BYTES = 8 * 2**20
 # The layout of the materialized files. 2: a `row` column (each row's index in its file), by which the
 # streaming reader picks the same validation rows as the in-memory one. 3: `x` as one fixed-size binary value
-# per row (x_column), not a list of values. Older folders are rewritten.
+# per row (_split_table), not a list of values. Older folders are rewritten.
 FORMAT = 3
 Split = tuple[np.ndarray, np.ndarray]  # (features or uint8 images, targets)
 
@@ -302,11 +302,8 @@ def val_rows(train_rows: int, val_fraction: float) -> int:
 
 
 def _read_parquet_split(spec: DatasetSpec, split: str) -> Split:
-    """One split as arrays, read in batches of rows into arrays made once.
-
-    Reading the nested `x` column whole costs Arrow about 14x the data in scratch memory (measured:
-    +640 MiB for 45 MiB of FashionMNIST pixels); a few thousand rows at a time, about +160 MiB.
-    """
+    """One split as arrays, read in batches of rows into arrays made once, so that Arrow's own copy of the data
+    is one batch at a time, not the whole split beside the arrays."""
     parquet = pq.ParquetFile(Path(spec.directory) / f"{split}.parquet")
     schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
     dtype = _x_dtype(schema)
