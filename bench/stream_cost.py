@@ -24,7 +24,6 @@ time and the machine's CPU seconds per epoch (every process, from /proc/stat, le
 from __future__ import annotations
 
 import argparse
-import logging
 import subprocess
 import sys
 import threading
@@ -143,7 +142,6 @@ def main(argv: list[str] | None = None) -> str:
     from pipeline.runtime import ensure_ray
 
     ensure_ray()
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # each execution's plan and progress, in the driver
     rates: dict[str, list[float]] = {way: [] for way in WAYS}
     for _ in range(args.rounds):
         for way in WAYS:
