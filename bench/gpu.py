@@ -36,7 +36,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,22 +141,37 @@ class Measurement:
 
 
 def measure_plain(
-    cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int, compile_mode: str | None = None
-) -> Measurement:
+    cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int, compile_mode: str | None = None,
+    *, compile_step: bool = False,
+) -> Measurement:  # fmt: skip
     """The plain loop: one warm-up epoch of `steps`, then `steps` timed ones; `compile_mode`: the model
-    under torch.compile(mode=compile_mode), as a PyTorch user would compile it."""
+    under torch.compile(mode=compile_mode), as a PyTorch user would compile it; `compile_step`: the
+    optimizer's step compiled alike (PyTorch's compiled-optimizer recipe), so that under reduce-overhead
+    it is replayed as a CUDA graph too."""
     model, optimizer, loss_fn, batches = plain_loop(cfg, spec, device)
     if compile_mode:
         model = torch.compile(model, mode=compile_mode)  # type: ignore[assignment]
+    step = compiled_step(optimizer, compile_mode or "default") if compile_step else None
     amp = cfg.train.amp and device.type == "cuda"
-    first_epoch_s = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)  # warm-up
+    first_epoch_s = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp, step=step)  # warm-up
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     busy = BusySampler()
     busy.start()
-    elapsed = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp)
+    elapsed = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp, step=step)
     busy.stop()
     return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device), first_epoch_s)
+
+
+def compiled_step(optimizer: torch.optim.Optimizer, mode: str) -> Callable[[], None]:
+    """`optimizer.step` under torch.compile(mode=mode). Its learning rate stays a float: dynamo guards on
+    it, which would recompile at a change, and the plain loop never changes it."""
+
+    @torch.compile(mode=mode)
+    def step() -> None:
+        optimizer.step()
+
+    return step
 
 
 def plain_loop(

@@ -10,6 +10,9 @@ augmentation and random weights. Contenders, each measured on its second epoch (
 
   plain eager                 bench.plain's loop: the yardstick of the goal (>= 1.5x)
   plain, reduce-overhead      the same model under torch.compile(mode="reduce-overhead")
+  ..., optimizer step too     and its optimizer's step compiled alike, so that it is a graph too
+  plain, whole step captured  the whole step as one CUDA graph (torch.cuda.graph), replayed per batch: the
+                              ceiling for graphs (on a GPU only)
   pipeline eager              run_worker in this process, train.compile=false
   pipeline, reduce-overhead   run_worker, train.compile=true train.compile_mode=reduce-overhead
   ..., optimizer not fused    the same with optim.fused=false: torch's default (foreach) optimizer step,
@@ -37,7 +40,18 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table
-from bench.gpu import CASES, Case, Measurement, bench_conf, device_and_data, measure_pipeline, measure_plain, plain_loop
+from bench.gpu import (
+    CASES,
+    BusySampler,
+    Case,
+    Measurement,
+    bench_conf,
+    device_and_data,
+    measure_pipeline,
+    measure_plain,
+    peak_mib,
+    plain_loop,
+)
 from bench.plain import fresh_model, train_steps
 from pipeline.batches import InMemory
 from pipeline.checkpoints import LocalSession
@@ -53,6 +67,53 @@ WARMUP_STEPS, PROFILED_STEPS = 20, 40
 TOP_KERNELS, TOP_OPS = 6, 12
 
 
+def measure_captured(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.device, steps: int) -> Measurement:
+    """The plain loop's whole step (forward, loss, backward, optimizer step) captured once as one CUDA graph
+    and replayed for every batch once it is copied into the graph's inputs: PyTorch's whole-network capture
+    recipe (torch.cuda.graph), the least host work a step can take, so the ceiling for graphs on this model.
+    One warm-up epoch of `steps` after the capture, then `steps` timed ones, as measure_plain."""
+    model, optimizer, loss_fn, batches = plain_loop(cfg, spec, device)
+    for group in optimizer.param_groups:
+        group["capturable"] = True  # the step counts live on the GPU, where the graph updates them
+    x, y = (t.clone() for t in next(batches))  # the graph's inputs: each batch is copied into them
+
+    def step() -> None:  # autocast's weight cache would keep casts from the capture: off, as capture requires
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.train.amp, cache_enabled=False):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    started = time.perf_counter()
+    side = torch.cuda.Stream()  # warm-up steps (cuDNN's choices, the optimizer's state) on a side stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimizer.zero_grad(set_to_none=True)  # the captured backward then writes the gradients, not adds to them
+    with torch.cuda.graph(graph):
+        step()
+
+    def replay(n: int) -> float:
+        begun = time.perf_counter()
+        for _, (batch_x, batch_y) in zip(range(n), batches, strict=False):
+            x.copy_(batch_x)
+            y.copy_(batch_y)
+            graph.replay()
+        torch.cuda.synchronize()
+        return time.perf_counter() - begun
+
+    first_epoch_s = replay(steps) + (time.perf_counter() - started)
+    torch.cuda.reset_peak_memory_stats()
+    busy = BusySampler()
+    busy.start()
+    elapsed = replay(steps)
+    busy.stop()
+    return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device), first_epoch_s)
+
+
 def graph_rows(case: Case, root: Path, device: torch.device, repeats: int) -> list[tuple[object, ...]]:
     """The contenders on one case, `repeats` times each in alternating order (a drift of the host's
     speed over the run hits all alike); medians, and the ratios to the plain eager loop's."""
@@ -63,6 +124,8 @@ def graph_rows(case: Case, root: Path, device: torch.device, repeats: int) -> li
     contenders: list[tuple[str, Callable[[], Measurement]]] = [
         ("plain eager", lambda: measure_plain(eager_cfg, spec, device, steps)),
         ("plain, reduce-overhead", lambda: measure_plain(eager_cfg, spec, device, steps, "reduce-overhead")),
+        ("..., optimizer step too", lambda: measure_plain(eager_cfg, spec, device, steps, "reduce-overhead", compile_step=True)),
+        *([("plain, whole step captured", lambda: measure_captured(eager_cfg, spec, device, steps))] if device.type == "cuda" else []),
         ("pipeline eager", lambda: measure_pipeline(run_cfg, run_spec, device)),
         ("pipeline, reduce-overhead", lambda: measure_pipeline(graphs_cfg, run_spec, device)),
         ("..., optimizer not fused", lambda: measure_pipeline(foreach_cfg, run_spec, device)),

@@ -7,7 +7,7 @@ over batches cut by index from one normalized float tensor: the fastest feed a p
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -33,9 +33,12 @@ def fresh_model(
 
 
 def train_steps(
-    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batches: Iterator[Batch], steps: int, *, amp: bool = False
-) -> float:
-    """`steps` training steps; wall seconds until the device has finished them."""
+    model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module, batches: Iterator[Batch], steps: int, *, amp: bool = False,
+    step: Callable[[], object] | None = None,
+) -> float:  # fmt: skip
+    """`steps` training steps; wall seconds until the device has finished them. `step`: what updates the
+    parameters in place of `optimizer.step` (the same step compiled, say)."""
+    update = step or optimizer.step
     model.train()
     device = next(model.parameters()).device
     started = time.perf_counter()
@@ -44,7 +47,7 @@ def train_steps(
             loss = loss_fn(model(x), y)
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        update()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - started
