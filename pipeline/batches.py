@@ -96,7 +96,10 @@ class Streamed:
 
             shards = {name: ray.train.get_dataset_shard(name) for name in split_names(cfg, spec)}
         self.splits = shards
-        self._ahead: dict[int, ReadAhead] = {}  # epoch -> its training blocks, asked for before it began
+        # The next epoch's training blocks, asked for before it begins. The first epoch's are asked for now: its
+        # first block came 2.3 s after it was asked for on 2 cores (Ray Data's executor and read tasks starting),
+        # and building and wrapping the model takes that long anyway (docs/BENCHMARKS.md).
+        self._ahead: ReadAhead | None = ReadAhead(shards["train"], started=True)
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
         size = self.cfg.data.batch_size
@@ -116,13 +119,14 @@ class Streamed:
         one's last blocks train and the evaluation and the checkpoint run. (One block ahead, the MNIST MLP's epochs
         began with up to 0.33 s of waiting for their first two blocks, a block training in 0.3 s; three ahead, 5 ms at
         most: docs/BENCHMARKS.md.)"""
-        blocks = (self._ahead.pop(epoch, None) or ReadAhead(self.splits["train"])).blocks()
+        ahead, self._ahead = self._ahead or ReadAhead(self.splits["train"]), None
+        blocks = ahead.blocks()
         window = collections.deque(itertools.islice(blocks, READ_AHEAD_BLOCKS))
         for following in blocks:
             window.append(following)
             yield self._on_device(window.popleft())
         if epoch < self.cfg.train.epochs:
-            self._ahead[epoch + 1] = ReadAhead(self.splits["train"], started=True)
+            self._ahead = ReadAhead(self.splits["train"], started=True)
         while window:
             yield self._on_device(window.popleft())
 
