@@ -98,7 +98,8 @@ class Streamed:
         self.splits = shards
         # The next epoch's training blocks, asked for before it begins. The first epoch's are asked for now: its
         # first block came 2.3 s after it was asked for on 2 cores (Ray Data's executor and read tasks starting),
-        # and building and wrapping the model takes that long anyway (docs/BENCHMARKS.md).
+        # while the worker's setup before it, most of it the optimizer's construction importing torch._dynamo,
+        # takes about 3 s (docs/BENCHMARKS.md).
         self._ahead: ReadAhead | None = ReadAhead(shards["train"], started=True)
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
