@@ -100,7 +100,7 @@ class Streamed:
         # first block came 2.3 s after it was asked for on 2 cores (Ray Data's executor and read tasks starting),
         # while the worker's setup before it, most of it the optimizer's construction importing torch._dynamo,
         # takes about 3 s (docs/BENCHMARKS.md).
-        self._ahead: ReadAhead | None = ReadAhead(shards["train"], started=True)
+        self._ahead: ReadAhead | None = ReadAhead(shards["train"])
 
     def train_batches(self, epoch: int) -> tuple[int, Iterator[Pair]]:
         size = self.cfg.data.batch_size
@@ -127,7 +127,7 @@ class Streamed:
             window.append(following)
             yield self._on_device(window.popleft())
         if epoch < self.cfg.train.epochs:
-            self._ahead = ReadAhead(self.splits["train"], started=True)
+            self._ahead = ReadAhead(self.splits["train"])
         while window:
             yield self._on_device(window.popleft())
 
@@ -152,17 +152,16 @@ class Streamed:
 
 
 class ReadAhead:
-    """One epoch of a Ray Data shard, block by block; `started`: its first block asked for at once, in a daemon
-    thread (a run that ends before the epoch leaves it behind instead of waiting for it)."""
+    """One epoch of a Ray Data shard, block by block, its first block asked for at once, in a daemon thread (a
+    run that ends before the epoch leaves it behind instead of waiting for it)."""
 
-    def __init__(self, shard: Any, *, started: bool = False) -> None:
+    def __init__(self, shard: Any) -> None:
         whole_blocks = {"batch_size": None, "batch_format": "numpy", "prefetch_batches": 2}
         self._blocks: Iterator[dict[str, np.ndarray]] = iter(shard.iter_batches(**whole_blocks))
         self._first: list[dict[str, np.ndarray]] = []  # the first block, once fetched (none: an empty shard)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._fetch_first, name="pipeline-read-ahead", daemon=True) if started else None
-        if self._thread:
-            self._thread.start()
+        self._thread = threading.Thread(target=self._fetch_first, name="pipeline-read-ahead", daemon=True)
+        self._thread.start()
 
     def _fetch_first(self) -> None:
         try:
@@ -171,10 +170,9 @@ class ReadAhead:
             self._error = err
 
     def blocks(self) -> Iterator[dict[str, np.ndarray]]:
-        if self._thread:
-            self._thread.join()
-            if self._error:
-                raise self._error
+        self._thread.join()
+        if self._error:
+            raise self._error
         yield from self._first
         yield from self._blocks
 
