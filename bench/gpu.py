@@ -154,11 +154,19 @@ def measure_plain(
     step = compiled_step(optimizer, compile_mode or "default") if compile_step else None
     amp = cfg.train.amp and device.type == "cuda"
     first_epoch_s = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp, step=step)  # warm-up
+    return timed_epoch(
+        lambda: train_steps(model, optimizer, loss_fn, batches, steps, amp=amp, step=step), cfg, device, steps, first_epoch_s
+    )
+
+
+def timed_epoch(run: Callable[[], float], cfg: ExperimentConfig, device: torch.device, steps: int, first_epoch_s: float) -> Measurement:
+    """`run()`, `steps` steps returning their wall seconds, measured: samples/s, the GPU's busy share while it
+    ran, and its peak memory counted from its start."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     busy = BusySampler()
     busy.start()
-    elapsed = train_steps(model, optimizer, loss_fn, batches, steps, amp=amp, step=step)
+    elapsed = run()
     busy.stop()
     return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device), first_epoch_s)
 

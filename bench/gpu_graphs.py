@@ -40,18 +40,7 @@ from pathlib import Path
 import torch
 
 from bench.common import markdown_table
-from bench.gpu import (
-    CASES,
-    BusySampler,
-    Case,
-    Measurement,
-    bench_conf,
-    device_and_data,
-    measure_pipeline,
-    measure_plain,
-    peak_mib,
-    plain_loop,
-)
+from bench.gpu import CASES, Case, Measurement, bench_conf, device_and_data, measure_pipeline, measure_plain, plain_loop, timed_epoch
 from bench.plain import fresh_model, train_steps
 from pipeline.batches import InMemory
 from pipeline.checkpoints import LocalSession
@@ -105,14 +94,8 @@ def measure_captured(cfg: ExperimentConfig, spec: DatasetSpec, device: torch.dev
         torch.cuda.synchronize()
         return time.perf_counter() - begun
 
-    replay(steps)  # the warm-up epoch
-    first_epoch_s = time.perf_counter() - started  # with the capture
-    torch.cuda.reset_peak_memory_stats()
-    busy = BusySampler()
-    busy.start()
-    elapsed = replay(steps)
-    busy.stop()
-    return Measurement(steps * cfg.data.batch_size / elapsed, busy.mean, peak_mib(device), first_epoch_s)
+    replay(steps)  # the warm-up epoch: the first epoch's time counts the capture too
+    return timed_epoch(lambda: replay(steps), cfg, device, steps, first_epoch_s=time.perf_counter() - started)
 
 
 def graph_rows(case: Case, root: Path, device: torch.device, repeats: int) -> list[tuple[object, ...]]:
